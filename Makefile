@@ -1,0 +1,30 @@
+# Two commands on a fresh machine:  `make study` (default study + report + export)  and  `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STUDY ?= studies/stories260k.yaml
+OUT ?= runs/stories260k
+
+.PHONY: env study test test-all clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e '.[all]'
+	touch $@
+
+env: $(VENV)/.installed
+
+study: env
+	$(PY) -m search.study run $(STUDY)
+	$(PY) -m search.study export $(OUT) --max-removed 0.3 --out $(OUT)/export-30pct --force
+
+test: env
+	$(PY) -m pytest
+
+test-all: env
+	$(PY) -m pytest -m "slow or not slow"
+
+clean:
+	rm -rf runs .pytest_cache

@@ -1,0 +1,102 @@
+"""Budgets: additive cost tables over sublayers (parameters, KV-cache bytes, sublayer count, ...).
+
+Every budget is ``cost(mask) = fixed + sum of the kept sublayers' costs``; that is exact for parameters and
+KV bytes and is the latency model's assumption. A budget target is the fraction of the dense cost removed.
+A new budget is one builder function plus one registry entry.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from torch import nn
+
+from surgery.families import family_for, get_path, kv_shape
+from surgery.mask import KeepMask
+
+from .registry import Registry
+
+
+class BudgetError(ValueError):
+    """A budget target no mask can meet, or an unknown budget."""
+
+
+@dataclass(frozen=True)
+class CostTable:
+    """Additive cost model: ``fixed`` plus ``per_sublayer[i]`` for each kept flat sublayer i."""
+
+    name: str
+    unit: str
+    fixed: float
+    per_sublayer: tuple[float, ...]
+
+    def cost(self, mask: KeepMask) -> float:
+        return self.fixed + sum(c for c, keep in zip(self.per_sublayer, mask.bits) if keep)
+
+    @property
+    def dense(self) -> float:
+        return self.fixed + sum(self.per_sublayer)
+
+    def removed_fraction(self, mask: KeepMask) -> float:
+        """Fraction of the dense cost this mask removes."""
+        return 1.0 - self.cost(mask) / self.dense if self.dense else 0.0
+
+    def limit(self, target: float) -> float:
+        """Largest allowed cost for a target fraction removed (checked against what removing all allows)."""
+        if not 0.0 <= target < 1.0:
+            raise BudgetError(f"{self.name} target {target} must be a fraction removed in [0, 1)")
+        limit = (1.0 - target) * self.dense
+        if self.fixed > limit + 1e-9:
+            best = 1.0 - self.fixed / self.dense
+            raise BudgetError(
+                f"{self.name} target {target:.0%} removed is infeasible: removing every sublayer removes only "
+                f"{best:.1%} of {self.dense:g} {self.unit}"
+            )
+        return limit
+
+    def feasible(self, mask: KeepMask, target: float) -> bool:
+        return self.cost(mask) <= self.limit(target) + 1e-9
+
+
+def _num_params(modules) -> int:
+    seen: dict[int, int] = {}
+    for module in modules:
+        for p in module.parameters():
+            seen[id(p)] = p.numel()
+    return sum(seen.values())
+
+
+def param_costs(model: nn.Module) -> CostTable:
+    """Exact parameter counts: a sublayer owns its module(s) and the norms that feed only it."""
+    family = family_for(model.config)
+    per_sublayer: list[float] = []
+    for layer in get_path(model, family.layers):
+        attn = [getattr(layer, family.attn)] + [getattr(layer, n) for n in family.attn_norms]
+        ffn = [getattr(layer, n) for n in family.ffn + family.ffn_norms]
+        per_sublayer += [_num_params(attn), _num_params(ffn)]
+    total = _num_params([model])
+    return CostTable("params", "parameters", float(total - sum(per_sublayer)), tuple(per_sublayer))
+
+
+def kv_cache_costs(model: nn.Module) -> CostTable:
+    """KV-cache bytes per token: 2 (K and V) x kv heads x head dim x dtype bytes, per kept attention."""
+    kv_heads, head_dim = kv_shape(model.config)
+    dtype_bytes = torch.finfo(next(model.parameters()).dtype).bits // 8
+    per_attn = 2.0 * kv_heads * head_dim * dtype_bytes
+    layers = len(get_path(model, family_for(model.config).layers))
+    return CostTable("kv_cache_bytes", "bytes/token", 0.0, (per_attn, 0.0) * layers)
+
+
+def sublayer_costs(model: nn.Module) -> CostTable:
+    """Count of kept sublayers."""
+    layers = len(get_path(model, family_for(model.config).layers))
+    return CostTable("sublayers", "sublayers", 0.0, (1.0,) * (2 * layers))
+
+
+BudgetBuilder = Callable[..., CostTable]
+BUDGETS: Registry[BudgetBuilder] = Registry("budget")
+BUDGETS.add("params", param_costs)
+BUDGETS.add("kv_cache_bytes", kv_cache_costs)
+BUDGETS.add("sublayers", sublayer_costs)

@@ -1,0 +1,56 @@
+"""A small name -> item registry: rejects duplicates and answers unknown names with a close match."""
+
+from __future__ import annotations
+
+import difflib
+from typing import Generic, Iterator, TypeVar
+
+T = TypeVar("T")
+
+
+class UnknownNameError(KeyError):
+    """A name not in a registry; the message suggests the closest registered name."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+def did_you_mean(name: str, choices) -> str:
+    close = difflib.get_close_matches(str(name), list(choices), n=1)
+    return f"; did you mean {close[0]!r}?" if close else f"; known: {', '.join(sorted(choices))}"
+
+
+class Registry(Generic[T]):
+    """Named items of one kind (strategies, objectives, budgets, ...)."""
+
+    def __init__(self, kind: str):
+        self.kind = kind
+        self._items: dict[str, T] = {}
+
+    def add(self, name: str, item: T) -> T:
+        if name in self._items:
+            raise ValueError(f"{self.kind} {name!r} is already registered")
+        self._items[name] = item
+        return item
+
+    def register(self, name: str):
+        """Decorator form of :meth:`add`."""
+
+        def wrap(item: T) -> T:
+            return self.add(name, item)
+
+        return wrap
+
+    def get(self, name: str) -> T:
+        if name not in self._items:
+            raise UnknownNameError(f"unknown {self.kind} {name!r}{did_you_mean(name, self._items)}")
+        return self._items[name]
+
+    def names(self) -> list[str]:
+        return list(self._items)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._items
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._items)

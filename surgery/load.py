@@ -1,0 +1,60 @@
+"""Load a causal LM and its tokenizer from a local directory or a hub id, with clear errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .families import family_for
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ModelLoadError(ValueError):
+    """A model path or hub id that cannot be loaded."""
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise ModelLoadError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def looks_local(name: str) -> bool:
+    """Paths (./x, /x, ~/x, or anything that exists) are local; 'org/name' is a hub id."""
+    return name.startswith((".", "/", "~")) or Path(name).expanduser().exists()
+
+
+def check_model_source(name: str) -> None:
+    """Fail early for a local path that is missing or has no config.json."""
+    if looks_local(name):
+        path = Path(name).expanduser()
+        if not (path / "config.json").is_file():
+            raise ModelLoadError(f"model path {name!r} has no config.json (missing or not a model directory)")
+
+
+def load_model(name: str, *, dtype: str = "float32", device: str = "auto", trust_remote_code: bool = False):
+    """(model in eval mode, tokenizer); the model's family must be supported."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    check_model_source(name)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            str(Path(name).expanduser()) if looks_local(name) else name,
+            dtype=resolve_dtype(dtype),
+            trust_remote_code=trust_remote_code,
+        )
+        tokenizer = AutoTokenizer.from_pretrained(
+            str(Path(name).expanduser()) if looks_local(name) else name, trust_remote_code=trust_remote_code
+        )
+    except OSError as error:
+        raise ModelLoadError(f"cannot load model {name!r}: {error}") from None
+    family_for(model.config)
+    return model.to(resolve_device(device)).eval(), tokenizer
