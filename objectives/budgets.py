@@ -100,3 +100,17 @@ BUDGETS: Registry[BudgetBuilder] = Registry("budget")
 BUDGETS.add("params", param_costs)
 BUDGETS.add("kv_cache_bytes", kv_cache_costs)
 BUDGETS.add("sublayers", sublayer_costs)
+
+
+def _latency_budget(phase: str) -> BudgetBuilder:
+    def build(model: nn.Module, settings=None, **kwargs) -> CostTable:
+        from .latency import latency_costs  # lazy: profiling needs the model on its device
+
+        return latency_costs(model, phase, settings, **kwargs)
+
+    build.__doc__ = f"Measured {phase} milliseconds per kept sublayer (objectives.latency); settings: config latency:"
+    return build
+
+
+BUDGETS.add("latency_prefill_ms", _latency_budget("prefill"))
+BUDGETS.add("latency_decode_ms", _latency_budget("decode"))

@@ -91,14 +91,19 @@ class StudyConfig(_Section):
     source: Path | None = Field(None, exclude=True)  # the YAML file this came from
 
 
+def format_problems(path: Path | str | None, problems: list[str]) -> str:
+    """One message for many problems: ``FILE: N problem(s)`` then one indented ``key: what (got value)`` each."""
+    return "\n".join([f"{path or '(config)'}: {len(problems)} problem(s)", *(f"  {p}" for p in problems)])
+
+
 def _format_errors(path: Path, error: ValidationError) -> str:
-    lines = [f"{path}: {len(error.errors())} problem(s)"]
+    problems = []
     for item in error.errors():
         key = ".".join(str(p) for p in item["loc"]) or "(top level)"
         value = item.get("input")
         shown = "" if isinstance(value, dict) else f" (got {value!r})"
-        lines.append(f"  {key}: {item['msg']}{shown}")
-    return "\n".join(lines)
+        problems.append(f"{key}: {item['msg']}{shown}")
+    return format_problems(path, problems)
 
 
 def load_config(path: str | Path) -> StudyConfig:
@@ -126,3 +131,142 @@ def resolve(config: StudyConfig, relative: str) -> str:
         return relative
     candidate = config.source.parent / relative
     return str(candidate) if candidate.exists() or relative.startswith(".") else relative
+
+
+# checks that need no model weights ---------------------------------------------------------------------------
+def _looks_like_path(name: str) -> bool:
+    """Hub ids are ``name`` or ``org/name``; anything else (``./x``, ``/x``, ``a/b/c``, ``x\\y``) is a path."""
+    return name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name or Path(name).exists()
+
+
+def model_source(config: StudyConfig) -> tuple[str, bool]:
+    """(path or hub id, is_local) of the config's model; local paths are resolved against the config file."""
+    name = resolve(config, config.model.name)
+    local = _looks_like_path(name) or (config.source is not None and (config.source.parent / name).exists())
+    return (str(Path(name).expanduser()), True) if local else (name, False)
+
+
+def text_source(config: StudyConfig, section: TextSection):
+    """The calibration/held-out section as an ``objectives.calibration.BatchSpec`` with resolved files."""
+    from objectives.calibration import BatchSpec, TextSource
+
+    source = TextSource(
+        files=tuple(str(Path(resolve(config, f)).resolve()) for f in section.files),
+        dataset=section.dataset,
+        dataset_config=section.dataset_config,
+        split=section.split,
+        field=section.field,
+        start=section.start,
+        end=section.end,
+    )
+    return BatchSpec(source, num_sequences=section.num_sequences, seq_len=section.seq_len, seed=section.seed)
+
+
+def _check_model(config: StudyConfig) -> list[str]:
+    name, local = model_source(config)
+    if local and not (Path(name) / "config.json").is_file():
+        what = "does not exist" if not Path(name).exists() else "has no config.json"
+        return [f"model.name: model path {config.model.name!r} {what} (resolved to {name})"]
+    return []
+
+
+def _check_text(config: StudyConfig, key: str, section: TextSection) -> list[str]:
+    problems = []
+    if not section.files and not section.dataset:
+        problems.append(f"{key}: needs `files` or `dataset`")
+    if not 0.0 <= section.start < section.end <= 1.0:
+        problems.append(f"{key}: slice start={section.start}, end={section.end} needs 0 <= start < end <= 1")
+    for i, name in enumerate(section.files):
+        if not Path(resolve(config, name)).is_file():
+            problems.append(f"{key}.files.{i}: text file not found (got {name!r})")
+    return problems
+
+
+def _check_disjoint(config: StudyConfig) -> list[str]:
+    """Held-out text must not overlap the calibration text (same source and overlapping slices)."""
+    cal, held = text_source(config, config.calibration).source, text_source(config, config.heldout).source
+    same_files = bool(cal.files) and set(cal.files) & set(held.files)
+    same_data = cal.dataset and (cal.dataset, cal.dataset_config, cal.split) == (held.dataset, held.dataset_config, held.split)
+    if (same_files or same_data) and cal.start < held.end and held.start < cal.end:
+        return [
+            f"heldout: held-out text {held.describe()} overlaps calibration text {cal.describe()}; "
+            "use disjoint slices (e.g. calibration end: 0.8, heldout start: 0.8) or other files"
+        ]
+    return []
+
+
+def _check_strategies(config: StudyConfig) -> list[str]:
+    from search.strategies import STRATEGIES, StrategySettingsError
+
+    problems, seen = [], set()
+    for i, entry in enumerate(config.strategies):
+        if entry.tag in seen:
+            problems.append(f"strategies.{i}: tag {entry.tag!r} used twice; give one a distinct `label`")
+        seen.add(entry.tag)
+        if entry.name not in STRATEGIES:
+            problems.append(f"strategies.{i}.name: {_unknown(STRATEGIES, entry.name)}")
+            continue
+        try:
+            STRATEGIES.get(entry.name).from_settings(dict(entry.settings))
+        except (StrategySettingsError, ValueError, TypeError) as error:
+            problems.append(f"strategies.{i}.settings: {error} (got {entry.settings!r})")
+    if not config.strategies:
+        problems.append("strategies: at least one strategy is needed")
+    return problems
+
+
+def _unknown(registry, name: str) -> str:
+    try:
+        registry.get(name)
+    except KeyError as error:
+        return str(error)
+    return ""
+
+
+def _check_budget(config: StudyConfig) -> list[str]:
+    from objectives.budgets import BUDGETS
+
+    problems = []
+    if config.budget.metric not in BUDGETS:
+        problems.append(f"budget.metric: {_unknown(BUDGETS, config.budget.metric)}")
+    for name, kept in config.budget.constraints.items():
+        if name not in BUDGETS:
+            problems.append(f"budget.constraints.{name}: {_unknown(BUDGETS, name)}")
+        if not 0.0 < kept <= 1.0:
+            problems.append(f"budget.constraints.{name}: max fraction of the dense cost kept must be in (0, 1] (got {kept})")
+    return problems
+
+
+def _check_storage(config: StudyConfig) -> list[str]:
+    url = config.storage
+    if url is None or "://" in url or url.endswith(".log"):
+        return []
+    return [f"storage: expected an Optuna storage URL (sqlite:///..., postgresql://...) or a journal file ending .log (got {url!r})"]
+
+
+def check_config(config: StudyConfig) -> None:
+    """Every problem found without loading weights, raised at once as one :class:`ConfigError`."""
+    text = [*_check_text(config, "calibration", config.calibration), *_check_text(config, "heldout", config.heldout)]
+    problems = [
+        *_check_model(config),
+        *(text or _check_disjoint(config)),
+        *_check_strategies(config),
+        *_check_budget(config),
+        *_check_storage(config),
+    ]
+    if problems:
+        raise ConfigError(format_problems(config.source, problems))
+
+
+def storage_url(storage: str | None, study_dir: Path | str) -> str:
+    """The study's Optuna storage: the configured URL, else an SQLite file in the study directory."""
+    return storage or f"sqlite:///{Path(study_dir) / 'study.db'}"
+
+
+def open_storage(url: str):
+    """An Optuna storage for ``url``; a plain path ending ``.log`` is a journal file (many processes)."""
+    if url.endswith(".log") and "://" not in url:
+        from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+        return JournalStorage(JournalFileBackend(url))
+    return url

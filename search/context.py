@@ -45,7 +45,7 @@ class SearchContext:
     _values: dict[str, float] = field(default_factory=dict)  # mask text -> full objective value
 
     def __post_init__(self) -> None:
-        for trial in self.study.get_trials(deep_copy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+        for trial in self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
             self._values.setdefault(trial.user_attrs["mask"], trial.values[0])
 
     @property
@@ -81,7 +81,7 @@ class StrategyRun:
     _recorded: set[str] = field(default_factory=set)
 
     def __post_init__(self) -> None:
-        for trial in self.ctx.study.get_trials(deep_copy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+        for trial in self.ctx.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
             if trial.user_attrs.get("strategy") == self.strategy:
                 self._recorded.add(trial.user_attrs["mask"])
 

@@ -15,6 +15,7 @@ SUBCOMMANDS = {
     "run": ("search.run", "run the study a YAML config describes (re-running resumes it)"),
     "report": ("search.report", "write the Pareto report of a study directory"),
     "export": ("search.export_best", "export the best mask within a budget as a smaller model"),
+    "bench": ("search.bench", "measure an exported model's prefill/decode speed and memory against the dense model"),
 }
 
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, KeyError)

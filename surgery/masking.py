@@ -1,10 +1,10 @@
 """Reversible runtime masking: run a loaded model under a KeepMask without copying or reloading weights.
 
 A removed sublayer's module is swapped for a weightless stand-in that returns zeros (so its compute is
-skipped); restoring puts the very same module objects back. Layers whose attention is removed are marked
-``"moe"`` in ``config.layer_types`` while masked, which transformers maps to a KV-cache layer that stores
-nothing, so ``generate()`` with a KV cache keeps working (sequence length comes from the first attention).
-A mask without any attention leaves the cache types alone: no layer reads the cache then.
+skipped); restoring puts the very same module objects back. Layers whose attention is removed get a KV-cache
+layer that stores nothing while masked (``config.kv_sharing_modes``: "reuse"), so ``generate()`` with a KV
+cache keeps working (sequence length comes from the first kept attention). A mask without any attention leaves
+the cache alone.
 """
 
 from __future__ import annotations
@@ -16,19 +16,7 @@ from torch import nn
 
 from .families import Family, family_for, get_path
 from .mask import ATTN, FFN, KeepMask
-from .pruned_modeling import SkippedAttention, SkippedFFN
-
-_NO_ATTENTION = "moe"  # a transformers layer type whose cache layer holds no KV
-_UNSET = object()
-
-
-def default_layer_types(config) -> list[str]:
-    """The per-layer attention types transformers would infer for the KV cache."""
-    types = getattr(config, "layer_types", None)
-    if types:
-        return list(types)
-    kind = "sliding_attention" if getattr(config, "sliding_window", None) else "full_attention"
-    return [kind] * config.num_hidden_layers
+from .pruned_modeling import SkippedAttention, cache_sharing_modes, ffn_stand_ins
 
 
 class RuntimeMasker:
@@ -40,7 +28,6 @@ class RuntimeMasker:
         self.layers: nn.ModuleList = get_path(model, self.family.layers)
         self.originals = [self._sublayer_modules(layer) for layer in self.layers]
         self.current = KeepMask.dense(len(self.layers))
-        self._layer_types = getattr(model.config, "layer_types", _UNSET)
 
     @property
     def num_layers(self) -> int:
@@ -54,8 +41,8 @@ class RuntimeMasker:
     def _stand_ins(self, layer_index: int, kind: int) -> dict[str, nn.Module]:
         if kind == ATTN:
             return {self.family.attn: SkippedAttention()}
-        names = self.family.ffn
-        return {name: SkippedFFN(None if i == len(names) - 1 else 0) for i, name in enumerate(names)}
+        originals = self.originals[layer_index][FFN]
+        return dict(zip(originals, ffn_stand_ins(list(originals.values()))))
 
     def apply(self, mask: KeepMask) -> None:
         """Make the model compute ``mask``; sublayers already in the right state are left alone."""
@@ -68,23 +55,22 @@ class RuntimeMasker:
             for name, module in modules.items():
                 setattr(self.layers[layer], name, module)
         self.current = mask
-        self._set_layer_types(mask)
+        self._set_cache_modes(mask)
 
     def restore(self) -> None:
         """Put every original module back: the model is exactly the dense model again."""
         self.apply(KeepMask.dense(self.num_layers))
 
-    def _set_layer_types(self, mask: KeepMask) -> None:
-        config = self.model.config
-        if mask.removed_attn in (0, mask.num_layers):  # no attention at all: nothing reads the cache
-            if self._layer_types is _UNSET:
-                config.__dict__.pop("layer_types", None)
-            else:
-                config.layer_types = self._layer_types
-            return
-        base = default_layer_types(config) if self._layer_types is _UNSET else list(self._layer_types or [])
-        base = base or default_layer_types(config)
-        config.layer_types = [t if mask.keeps(i, ATTN) else _NO_ATTENTION for i, t in enumerate(base)]
+    def _set_cache_modes(self, mask: KeepMask) -> None:
+        """Layers without attention get a KV-cache layer that stores nothing (``config.kv_sharing_modes``).
+
+        ``layer_types`` stays as it is: some families index their attention masks by it.
+        """
+        modes = cache_sharing_modes([mask.keeps(i, ATTN) for i in range(mask.num_layers)])
+        if modes is None:
+            self.model.config.__dict__.pop("kv_sharing_modes", None)
+        else:
+            self.model.config.kv_sharing_modes = modes
 
 
 def masker_for(model: nn.Module) -> RuntimeMasker:

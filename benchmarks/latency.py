@@ -1,0 +1,165 @@
+"""Validate the latency model against exported models, and measure what removing 25% of the compute buys.
+
+For each model: profile the dense model (objectives.latency), export several masks (surgery.export), load the
+exports back with ``from_pretrained`` and time them side by side with the dense model (round-robin, medians).
+Reports predicted vs measured prefill/decode milliseconds with the error, and for the masks that remove 25% of
+the prefill FLOPs the measured speedup against the FLOP-proportional one.
+
+    python benchmarks/latency.py --threads 1 --out benchmarks/RESULTS-latency.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import shlex
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from objectives.budgets import CostTable, kv_cache_costs  # noqa: E402
+from objectives.latency import LatencySettings, interleaved_ms, phase_runner, prefill_flop_costs, profile_model  # noqa: E402
+from surgery.export import export_pruned  # noqa: E402
+from surgery.load import load_model  # noqa: E402
+from surgery.mask import KeepMask  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+MODELS = {
+    "tinystories-l12": {"path": "studies/assets/models/tinystories-l12", "batch_size": 8, "seq_len": 256},
+    "llama-24x512 (random)": {
+        "config": dict(num_hidden_layers=24, hidden_size=512, intermediate_size=1376, num_attention_heads=8,
+                       num_key_value_heads=4, vocab_size=32000, max_position_embeddings=1024),
+        "batch_size": 1, "seq_len": 256,
+    },
+}
+
+
+def build(spec: dict):
+    if "path" in spec:
+        return load_model(str(ROOT / spec["path"]), device="cpu")
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(**spec["config"])).eval(), None
+
+
+def remove_until(flops: CostTable, order: list[list[int]], fraction: float) -> KeepMask:
+    """Remove groups of flat sublayer indices in ``order`` until at least ``fraction`` of the FLOPs is gone."""
+    mask = KeepMask.dense(len(flops.per_sublayer) // 2)
+    for group in order:
+        if flops.removed_fraction(mask) >= fraction:
+            break
+        for index in group:
+            mask = mask.without(index)
+    return mask
+
+
+def candidate_masks(flops: CostTable, seed: int = 0) -> dict[str, KeepMask]:
+    """Masks of several shapes: 25% of the FLOPs as whole layers / attention / FFN / mixed; mixed 10% and 45%."""
+    layers = len(flops.per_sublayer) // 2
+    back = list(range(layers - 2, 0, -1))  # deepest first, first and last layer kept
+    shuffled = list(range(2, 2 * layers - 2))
+    random.Random(seed).shuffle(shuffled)
+    return {
+        "whole layers 25%": remove_until(flops, [[2 * i, 2 * i + 1] for i in back], 0.25),
+        "attention 25%": remove_until(flops, [[2 * i] for i in back], 0.25),
+        "ffn 25%": remove_until(flops, [[2 * i + 1] for i in back], 0.25),
+        "mixed 25%": remove_until(flops, [[i] for i in shuffled], 0.25),
+        "mixed 10%": remove_until(flops, [[i] for i in shuffled], 0.10),
+        "mixed 45%": remove_until(flops, [[i] for i in shuffled], 0.45),
+    }
+
+
+def measure(models: dict, settings: LatencySettings) -> dict[str, dict[str, float]]:
+    out = {}
+    for phase in ("prefill", "decode"):
+        runners = {name: phase_runner(model, phase, settings) for name, model in models.items()}
+        out[phase] = interleaved_ms(runners, warmup=settings.warmup, repeats=settings.repeats, device="cpu")
+    return out
+
+
+def run_model(name: str, spec: dict, args) -> dict:
+    model, tokenizer = build(spec)
+    settings = LatencySettings.from_mapping(
+        {"batch_size": spec["batch_size"], "seq_len": spec["seq_len"], "context": args.context,
+         "warmup": args.warmup, "repeats": args.repeats}
+    )
+    start = time.time()
+    profile = profile_model(model, settings)
+    profile_s = time.time() - start
+    flops = prefill_flop_costs(model, batch_size=settings.batch_size, seq_len=settings.seq_len)
+    masks = candidate_masks(flops)
+    with tempfile.TemporaryDirectory() as tmp:
+        exports = {"dense": model}
+        for label, mask in masks.items():
+            path = export_pruned(model, tokenizer, mask, Path(tmp) / label.replace(" ", "_"), source=name)
+            exports[label] = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True).eval()
+        measured = measure(exports, settings)
+    kv = kv_cache_costs(model)
+    rows = []
+    for label, mask in {"dense": KeepMask.dense(len(flops.per_sublayer) // 2), **masks}.items():
+        row = {"label": label, "mask": str(mask), "flops_removed": flops.removed_fraction(mask),
+               "flop_speedup": 1 / (1 - flops.removed_fraction(mask)), "kv_per_token": kv.cost(mask)}
+        for phase in ("prefill", "decode"):
+            predicted, got = profile.table(phase).cost(mask), measured[phase][label]
+            row[phase] = {"predicted": predicted, "measured": got, "error": predicted / got - 1,
+                          "speedup": measured[phase]["dense"] / got}
+        rows.append(row)
+    return {"name": name, "settings": settings, "profile_s": profile_s, "rows": rows, "profile": profile}
+
+
+def markdown(results: list[dict], command: str, threads: int) -> str:
+    lines = ["# Latency model: predicted vs measured, and the speed of exports", "",
+             f"Command: `{command}`", "",
+             f"CPU, {threads} torch thread(s), float32; medians of side-by-side (round-robin) repeats. "
+             "Predicted = dense-model profile (fixed + kept sublayers); measured = the export loaded back with "
+             "`from_pretrained`. FLOP speedup = dense prefill FLOPs / export prefill FLOPs.", ""]
+    for result in results:
+        s = result["settings"]
+        lines += [f"## {result['name']}", "",
+                  f"prefill {s.batch_size}x{s.seq_len} tokens; decode 1 token on a {s.context}-token KV cache; "
+                  f"{s.repeats} repeats after {s.warmup} warm-up; profiling took {result['profile_s']:.0f} s.", "",
+                  "| mask | removed FLOPs | prefill pred ms | prefill meas ms | error | prefill speedup | FLOP speedup "
+                  "| share of FLOP speedup | decode pred ms | decode meas ms | error | decode speedup | KV B/token |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in result["rows"]:
+            p, d = r["prefill"], r["decode"]
+            share = p["speedup"] / r["flop_speedup"]
+            lines.append(
+                f"| {r['label']} `{r['mask']}` | {r['flops_removed']:.1%} | {p['predicted']:.1f} | {p['measured']:.1f} "
+                f"| {p['error']:+.1%} | {p['speedup']:.3f}x | {r['flop_speedup']:.3f}x | {share:.0%} "
+                f"| {d['predicted']:.2f} | {d['measured']:.2f} | {d['error']:+.1%} | {d['speedup']:.3f}x "
+                f"| {r['kv_per_token']:.0f} |")
+        errors = [abs(r[ph]["error"]) for r in result["rows"][1:] for ph in ("prefill", "decode")]
+        lines += ["", f"max |error| over exports: prefill {max(abs(r['prefill']['error']) for r in result['rows'][1:]):.1%}, "
+                  f"decode {max(abs(r['decode']['error']) for r in result['rows'][1:]):.1%}; "
+                  f"mean |error| {sum(errors) / len(errors):.1%}", ""]
+    lines += ["Share of FLOP speedup = measured prefill speedup / FLOP-proportional speedup.", ""]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default=",".join(MODELS), help="comma-separated names from MODELS")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=9)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--context", type=int, default=256)
+    parser.add_argument("--out", default=None, help="write the markdown table here")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    results = [run_model(name, MODELS[name], args) for name in args.models.split(",")]
+    command = "python benchmarks/latency.py " + shlex.join(sys.argv[1:] if argv is None else argv)
+    text = markdown(results, command.strip(), args.threads)
+    print(text)
+    if args.out:
+        Path(args.out).write_text(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

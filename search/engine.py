@@ -1,0 +1,258 @@
+"""Fast mask evaluation: prefix reuse of residual-stream states and staged selection (racing).
+
+:class:`PrefixEngine` scores a batch of keep-masks with the same model, calibration batch, reference and
+objective as :class:`~objectives.scorer.MaskScorer`, but runs the decoder layer by layer itself. The masks of a
+batch are visited in lexicographic order of their keep bits; two consecutive masks share every state up to
+their first differing sublayer (``KeepMask.first_difference``), so each mask is computed only from there on.
+States are kept only at the boundaries where a later mask of the batch branches off, and a layer is split at
+its attention/FFN boundary only where a branch starts there (sequential-residual families).
+
+The layers are called exactly as the model calls them: each layer's arguments (attention mask, position
+embeddings, ...) are captured once from a real dense forward per micro-batch, removed sublayers are the
+masker's stand-ins, and the same micro-batches, reference rows and summation order are used, so results equal
+the plain loop's (bit for bit on a deterministic device). The final norm and output head are checked against
+the model's own logits at capture time; a family whose head is not reproduced raises :class:`EngineError`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+
+from objectives.scorer import MaskScorer
+from surgery.families import get_path
+from surgery.mask import ATTN, FFN, KeepMask
+
+_FINAL_NORM = {  # dotted path of the norm between the last decoder layer and the output head
+    "gpt2": "transformer.ln_f",
+    "gpt_neox": "gpt_neox.final_layer_norm",
+    "opt": "model.decoder.final_layer_norm",
+}
+_DEFAULT_FINAL_NORM = "model.norm"
+_MEMO_LIMIT = 200_000  # (mask, micro-batch) partial sums kept for staged selection
+
+
+class EngineError(ValueError):
+    """The fast engine cannot reproduce this model's forward (use ``engine.prefix_reuse: false``)."""
+
+
+@dataclass(frozen=True)
+class Staging:
+    """Staged selection: score every candidate on ``sequences`` sequences, confirm the best ``keep`` on all."""
+
+    sequences: int = 2
+    keep: int = 4
+
+    def __post_init__(self) -> None:
+        if self.sequences < 1 or self.keep < 1:
+            raise ValueError(f"staging needs sequences >= 1 and keep >= 1, got {self.sequences}, {self.keep}")
+
+
+@dataclass
+class _Chunk:
+    """One captured micro-batch: layer-0 input and each layer's call arguments from a dense forward."""
+
+    start: int
+    ids: torch.Tensor
+    h0: torch.Tensor
+    calls: list[tuple[tuple, dict]]
+
+
+@dataclass
+class EngineCounters:
+    sublayer_forwards: int = 0  # kept sublayers computed x sequences
+    head_forwards: int = 0  # final norm + head + objective, x sequences
+    captures: int = 0  # dense forwards spent capturing layer arguments
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class PlainBackend:
+    """The plain loop: one full forward of the masked model per mask (``MaskScorer.score``)."""
+
+    def __init__(self, scorer: MaskScorer):
+        self.scorer = scorer
+        self.counters = EngineCounters()
+
+    def score_many(self, masks: Sequence[KeepMask], sequences: int | None = None) -> list[float]:
+        count = _count(self.scorer, sequences)
+        values = []
+        for mask in masks:
+            values.append(self.scorer.score(mask, sequences=count))
+            self.counters.sublayer_forwards += len(mask.kept) * count
+            self.counters.head_forwards += count
+        return values
+
+
+class PrefixEngine:
+    """Scores batches of masks with prefix reuse; same numbers as :class:`MaskScorer` (see module doc)."""
+
+    def __init__(self, scorer: MaskScorer):
+        self.scorer = scorer
+        self.model = scorer.model
+        self.masker = scorer.masker
+        self.layers = self.masker.layers
+        self.splittable = self.masker.family.residual == "sequential"
+        self.norm = get_path(self.model, _FINAL_NORM.get(self.masker.family.name, _DEFAULT_FINAL_NORM))
+        self.head = self.model.get_output_embeddings()
+        self.softcap = getattr(self.model.config, "final_logit_softcapping", None)
+        self.counters = EngineCounters()
+        self._chunks: dict[tuple[int, int], _Chunk] = {}
+        self._memo: dict[tuple[tuple[bool, ...], int, int], float] = {}
+
+    # capture -----------------------------------------------------------------------------------------------
+    def _chunk(self, start: int, count: int) -> _Chunk:
+        key = (start, count)
+        if key not in self._chunks:
+            self._chunks[key] = self._capture(start, self.scorer.input_ids[start : start + count])
+        return self._chunks[key]
+
+    @torch.no_grad()
+    def _capture(self, start: int, ids: torch.Tensor) -> _Chunk:
+        ids = ids.to(self.scorer.device)
+        calls: list[Any] = [None] * len(self.layers)
+        last: list[torch.Tensor] = []
+        hooks = [layer.register_forward_pre_hook(_recorder(calls, i), with_kwargs=True)
+                 for i, layer in enumerate(self.layers)]
+        hooks.append(self.layers[-1].register_forward_hook(lambda m, a, out: last.append(_first(out))))
+        previous = self.masker.current
+        self.masker.restore()
+        try:
+            logits = self.model(input_ids=ids, use_cache=False).logits
+        finally:
+            for hook in hooks:
+                hook.remove()
+            self.masker.apply(previous)
+        self.counters.captures += 1
+        self._check_head(last[0], logits)
+        return _Chunk(start, ids, calls[0][0][0], [(args[1:], kwargs) for args, kwargs in calls])
+
+    def _check_head(self, hidden: torch.Tensor, logits: torch.Tensor) -> None:
+        mine = self._logits(hidden)
+        scale = max(1.0, float(logits.abs().max()))
+        if mine.shape != logits.shape or float((mine - logits).abs().max()) > 1e-4 * scale:
+            raise EngineError(
+                f"the engine's final norm + head do not reproduce {self.masker.family.name!r} logits; "
+                "set engine.prefix_reuse: false"
+            )
+
+    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = self.head(self.norm(hidden))
+        if self.softcap:
+            logits = torch.tanh(logits / self.softcap) * self.softcap
+        return logits
+
+    # scoring -----------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def score_many(self, masks: Sequence[KeepMask], sequences: int | None = None) -> list[float]:
+        """Objective of each mask on the first ``sequences`` calibration sequences (all by default)."""
+        count = _count(self.scorer, sequences)
+        unique = sorted({m.bits for m in masks})
+        for mask in unique:
+            KeepMask(mask).check_layers(len(self.layers))
+        totals = dict.fromkeys(unique, 0.0)
+        previous = self.masker.current
+        try:
+            for start in range(0, count, self.scorer.batch_size):
+                size = min(self.scorer.batch_size, count - start)
+                for bits, value in self._score_chunk(unique, start, size).items():
+                    totals[bits] += value
+        finally:
+            self.masker.apply(previous)
+        positions = count * self.scorer.positions_per_sequence
+        return [self.scorer.objective.finish(totals[m.bits] / positions) for m in masks]
+
+    def _score_chunk(self, masks: list[tuple[bool, ...]], start: int, size: int) -> dict:
+        """Summed objective of each (sorted, distinct) mask on one micro-batch."""
+        todo = [bits for bits in masks if (bits, start, size) not in self._memo]
+        branches = [_branch(a, b) for a, b in zip(todo, todo[1:])]
+        if not self.splittable:
+            branches = [b - b % 2 for b in branches]
+        if todo:
+            chunk = self._chunk(start, size)
+            reference = self.scorer.reference_rows(start, size)
+            states: dict[int, torch.Tensor] = {}
+            for k, bits in enumerate(todo):
+                begin = branches[k - 1] if k else 0
+                hidden = self._run(KeepMask(bits), chunk, begin, states, set(branches[k:]))
+                self.counters.head_forwards += size
+                summed = self.scorer.objective.summed(self._logits(hidden), reference, chunk.ids)
+                self._remember((bits, start, size), float(summed))
+        return {bits: self._memo[(bits, start, size)] for bits in masks}
+
+    def _remember(self, key: tuple, value: float) -> None:
+        if len(self._memo) >= _MEMO_LIMIT:
+            self._memo.clear()
+        self._memo[key] = value
+
+    def _run(self, mask: KeepMask, chunk: _Chunk, begin: int, states: dict, keep_at: set[int]) -> torch.Tensor:
+        """Residual stream after the last layer, computed from sublayer boundary ``begin`` on."""
+        hidden = states[begin] if begin else chunk.h0
+        self.masker.apply(mask)
+        layer = begin // 2
+        if begin % 2:  # entering the FFN of `layer`: finish that layer with its FFN only
+            if mask.keeps(layer, FFN):
+                hidden = self._call(layer, hidden, chunk, mask, only=FFN)
+            layer += 1
+        for index in range(layer, len(self.layers)):
+            if 2 * index in keep_at:
+                states[2 * index] = hidden
+            attn, ffn = mask.keeps(index, ATTN), mask.keeps(index, FFN)
+            if self.splittable and 2 * index + 1 in keep_at:
+                if attn:
+                    hidden = self._call(index, hidden, chunk, mask, only=ATTN)
+                states[2 * index + 1] = hidden
+                if ffn:
+                    hidden = self._call(index, hidden, chunk, mask, only=FFN)
+            elif attn or ffn:
+                hidden = self._call(index, hidden, chunk, mask)
+        return hidden
+
+    def _call(self, index: int, hidden: torch.Tensor, chunk: _Chunk, mask: KeepMask, only: int | None = None):
+        """One decoder layer under ``mask``, or only its ``only`` sublayer (the other one swapped out)."""
+        if only is not None and mask.keeps(index, 1 - only):
+            self.masker.apply(mask.without(2 * index + 1 - only))
+        args, kwargs = chunk.calls[index]
+        out = _first(self.layers[index](hidden, *args, **kwargs))
+        if only is not None:
+            self.masker.apply(mask)
+        kept = (mask.keeps(index, ATTN) + mask.keeps(index, FFN)) if only is None else 1
+        self.counters.sublayer_forwards += kept * len(hidden)
+        return out
+
+
+def make_scoring_backend(scorer: MaskScorer, *, prefix_reuse: bool = True) -> PrefixEngine | PlainBackend:
+    """The in-process backend a study scores with: the prefix engine, or the plain loop."""
+    return PrefixEngine(scorer) if prefix_reuse else PlainBackend(scorer)
+
+
+def staged_survivors(partial: Sequence[float], keep: int) -> list[int]:
+    """Indices of the ``keep`` best partial scores (ties: earlier index first), in input order."""
+    ranked = sorted(range(len(partial)), key=lambda i: (partial[i], i))
+    return sorted(ranked[:keep])
+
+
+def _count(scorer: MaskScorer, sequences: int | None) -> int:
+    total = len(scorer.input_ids)
+    return total if sequences is None else max(1, min(sequences, total))
+
+
+def _branch(a: tuple[bool, ...], b: tuple[bool, ...]) -> int:
+    """First index where two distinct bit tuples differ."""
+    return next(i for i, (x, y) in enumerate(zip(a, b)) if x != y)
+
+
+def _recorder(store: list, index: int):
+    def hook(module, args, kwargs):
+        if not args:
+            kwargs = dict(kwargs)
+            args = (kwargs.pop("hidden_states"),)
+        store[index] = (tuple(args), dict(kwargs))
+
+    return hook
+
+
+def _first(output):
+    return output[0] if isinstance(output, tuple) else output
+

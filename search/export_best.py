@@ -1,0 +1,102 @@
+"""``export``: the best mask of a study within a size budget, exported as a smaller model.
+
+``--max-params N`` keeps masks with at most N parameters and takes the best one. ``--max-removed K`` takes
+the masks removing the most sublayers allowed (K sublayers, or the fraction K of all sublayers when K < 1;
+fewer only when no evaluated mask removes exactly that many) and the best one among them. "Best" is the lowest
+held-out perplexity (default; masks the study scored on held-out text) or the lowest calibration objective.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from pathlib import Path
+
+import pandas as pd
+
+from search.report import StudyData, read_study
+
+
+class ExportError(ValueError):
+    """No mask meets the export budget, or a bad budget value."""
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("study_dir", help="a study's output directory")
+    budget = parser.add_mutually_exclusive_group(required=True)
+    budget.add_argument("--max-params", type=float, metavar="N", help="at most N parameters")
+    budget.add_argument("--max-removed", type=float, metavar="K",
+                        help="remove K sublayers (a count), or the fraction K of all sublayers when K < 1")
+    parser.add_argument("--objective", choices=("heldout_ppl", "calibration"), default="heldout_ppl",
+                        help="rank masks by held-out perplexity (default) or by the calibration objective")
+    parser.add_argument("--out", required=True, help="directory for the exported model")
+    parser.add_argument("--force", action="store_true", help="replace an existing export directory")
+
+
+def removal_limit(max_removed: float, num_sublayers: int) -> int:
+    """Sublayer count from ``--max-removed``: a count, or a fraction of ``num_sublayers`` when below 1."""
+    if max_removed <= 0:
+        raise ExportError(f"--max-removed must be positive (got {max_removed:g})")
+    if max_removed < 1:
+        return math.floor(max_removed * num_sublayers + 1e-9)
+    if max_removed != int(max_removed) or max_removed > num_sublayers:
+        raise ExportError(f"--max-removed {max_removed:g}: a count must be a whole number <= {num_sublayers}")
+    return int(max_removed)
+
+
+def candidates(data: StudyData, *, max_params: float | None = None, max_removed: float | None = None) -> pd.DataFrame:
+    """Distinct evaluated masks within the budget."""
+    masks = data.trials.drop_duplicates("mask")
+    if max_params is not None:
+        if "params" not in masks:
+            raise ExportError("this study recorded no parameter counts; use --max-removed")
+        within = masks[masks["params"] <= max_params]
+        if within.empty:
+            raise ExportError(f"no evaluated mask has at most {max_params:g} parameters "
+                              f"(smallest: {masks['params'].min():g})")
+        return within
+    limit = removal_limit(max_removed, 2 * data.meta["num_layers"])
+    within = masks[masks["removed"] <= limit]
+    if within.empty:
+        raise ExportError(f"no evaluated mask removes at most {limit} sublayers")
+    return within[within["removed"] == within["removed"].max()]
+
+
+def select(data: StudyData, *, max_params=None, max_removed=None, objective: str = "heldout_ppl") -> pd.Series:
+    """The best mask within the budget by ``objective``; its row of trials.csv (first finder as strategy)."""
+    pool = candidates(data, max_params=max_params, max_removed=max_removed)
+    column = "heldout_ppl" if objective == "heldout_ppl" else "objective"
+    ranked = pool.dropna(subset=[column])
+    if ranked.empty:
+        raise ExportError(f"none of the {len(pool)} masks within the budget was scored on held-out text; "
+                          "use --objective calibration")
+    return ranked.sort_values([column, "trial"], kind="stable").iloc[0]
+
+
+def main(args: argparse.Namespace) -> int:
+    from search.report import load_study
+    from surgery.export import export_pruned
+    from surgery.load import load_model
+    from surgery.mask import KeepMask
+
+    data = read_study(Path(args.study_dir))
+    best = select(data, max_params=args.max_params, max_removed=args.max_removed, objective=args.objective)
+    _, _, config = load_study(Path(args.study_dir))
+    model, tokenizer = load_model(config.model.name, dtype=config.model.dtype, device="cpu",
+                                  trust_remote_code=config.model.trust_remote_code)
+    metrics = {key: _plain(best[key]) for key in ("strategy", "objective", "heldout_ppl", "removed_attn",
+                                                    "removed_ffn", *data.meta["dense"]) if key in best}
+    metrics.update(calibration_objective=data.meta["objective"], study=str(args.study_dir))
+    out = export_pruned(model, tokenizer, KeepMask.parse(best["mask"]), Path(args.out),
+                        source=config.model.name, metrics=metrics, force=args.force)
+    ppl = "-" if pd.isna(best["heldout_ppl"]) else f"{best['heldout_ppl']:.4g}"
+    print(f"exported {best['mask']} (found by {best['strategy']}, {metrics.get('params', '?')} params, "
+          f"held-out ppl {ppl}) to {out}")
+    return 0
+
+
+def _plain(value):
+    """numpy / pandas scalars as plain JSON values."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    return value.item() if hasattr(value, "item") else value

@@ -1,0 +1,353 @@
+"""``report``: the Pareto report of a study directory (tables, plots, a markdown summary), written atomically.
+
+Files: ``trials.csv`` (one row per evaluated mask and strategy), ``front.csv`` (Pareto front of parameters
+versus held-out perplexity, with the strategy that found each point), ``pareto.png`` / ``pareto.html``
+(fronts per strategy, dense model marked), ``layers.png`` (which sublayers each front mask removes) and
+``summary.md`` (strategies compared at each budget, with the optimality gap against exhaustive search).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import pandas as pd
+
+from surgery.mask import KeepMask
+
+STRATEGY_ATTR = "strategy:"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("study_dir", help="a study's output directory (holds config.yaml)")
+
+
+def main(args: argparse.Namespace) -> int:
+    paths = write_report(Path(args.study_dir))
+    print(f"report written: {', '.join(str(p) for p in paths.values())}")
+    return 0
+
+
+# atomic writes ---------------------------------------------------------------------------------------------
+def atomic_write(path: Path, write: Callable[[Path], object]) -> Path:
+    """``write(tmp)`` then rename onto ``path``: readers never see a half-written file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def atomic_write_text(path: Path, text: str) -> Path:
+    return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+# loading ---------------------------------------------------------------------------------------------------
+@dataclass
+class StudyData:
+    """A study read back from its storage: trials as a frame plus the run's records."""
+
+    study_dir: Path
+    storage: str
+    meta: dict
+    records: dict[str, dict]  # strategy tag -> results, evaluations, forwards, wall_s, notes
+    heldout: dict[str, float]  # mask -> held-out perplexity
+    trials: pd.DataFrame = field(default_factory=pd.DataFrame)
+
+    @property
+    def size_metric(self) -> str:
+        return "params" if "params" in self.meta["dense"] else self.meta["budget_metric"]
+
+    @property
+    def dense_mask(self) -> str:
+        return str(KeepMask.dense(self.meta["num_layers"]))
+
+
+def load_study(study_dir: Path):
+    """(optuna study, storage URL, config) of a study directory."""
+    import optuna
+
+    from search.config import load_config, open_storage, storage_url
+    from search.context import MAIN_STUDY
+
+    study_dir = Path(study_dir)
+    copy = study_dir / "config.yaml"
+    if not copy.is_file():
+        raise FileNotFoundError(f"{study_dir} is not a study directory: no config.yaml (run `search.study run` first)")
+    config = load_config(copy)
+    url = storage_url(config.storage, study_dir)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        study = optuna.load_study(study_name=MAIN_STUDY, storage=open_storage(url))
+    except KeyError:
+        raise FileNotFoundError(f"no study {MAIN_STUDY!r} in {url}") from None
+    return study, url, config
+
+
+def trials_frame(study, meta: dict, heldout: dict[str, float]) -> pd.DataFrame:
+    """One row per evaluated mask and strategy, in trial order."""
+    import optuna
+
+    rows = []
+    for trial in study.get_trials(deep_copy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+        attrs = trial.user_attrs
+        if "mask" not in attrs:
+            continue
+        mask = attrs["mask"]
+        row = {"trial": trial.number, "strategy": attrs.get("strategy"), "target": attrs.get("target"), "mask": mask,
+               "removed_attn": attrs.get("removed_attn"), "removed_ffn": attrs.get("removed_ffn")}
+        row["removed"] = (row["removed_attn"] or 0) + (row["removed_ffn"] or 0)
+        row.update({name: attrs.get(name) for name in meta["dense"]})
+        row["objective"] = trial.values[0]
+        row["heldout_ppl"] = heldout.get(mask)
+        rows.append(row)
+    columns = ["trial", "strategy", "target", "mask", "removed_attn", "removed_ffn", "removed", *meta["dense"],
+               "objective", "heldout_ppl"]
+    return pd.DataFrame(rows, columns=columns)
+
+
+def read_study(study_dir: Path) -> StudyData:
+    study, url, _ = load_study(study_dir)
+    attrs = study.user_attrs
+    if "meta" not in attrs:
+        raise FileNotFoundError(f"{study_dir}: the study has no run metadata yet (run `search.study run` first)")
+    records = {k[len(STRATEGY_ATTR):]: v for k, v in attrs.items() if k.startswith(STRATEGY_ATTR)}
+    heldout = (attrs.get("heldout") or {}).get("ppl", {})
+    data = StudyData(Path(study_dir), url, attrs["meta"], records, heldout)
+    data.trials = trials_frame(study, data.meta, heldout)
+    return data
+
+
+# tables ----------------------------------------------------------------------------------------------------
+def pareto_mask(size: pd.Series, quality: pd.Series) -> pd.Series:
+    """True for points no other point beats on both (smaller size, lower quality value)."""
+    order = sorted(range(len(size)), key=lambda i: (size.iloc[i], quality.iloc[i]))
+    keep, best = [False] * len(size), float("inf")
+    for i in order:
+        if quality.iloc[i] < best:
+            keep[i], best = True, quality.iloc[i]
+    return pd.Series(keep, index=size.index)
+
+
+def _finders(data: StudyData) -> dict[str, str]:
+    """mask -> the strategies that returned it as a result, else the first strategy that evaluated it."""
+    found: dict[str, list[str]] = {}
+    for tag, record in data.records.items():
+        for mask in record.get("results", {}).values():
+            if mask and tag not in found.setdefault(mask, []):
+                found[mask].append(tag)
+    first = data.trials.drop_duplicates("mask").set_index("mask")["strategy"].to_dict()
+    masks = set(data.heldout) | set(found)
+    return {m: "+".join(found.get(m) or [first.get(m) or ("dense" if m == data.dense_mask else "?")]) for m in masks}
+
+
+def front_frame(data: StudyData) -> pd.DataFrame:
+    """Pareto front of size (parameters) versus held-out perplexity over every mask scored on held-out text."""
+    size = data.size_metric
+    per_mask = data.trials.drop_duplicates("mask").set_index("mask")
+    finders = _finders(data)
+    rows = []
+    for mask, ppl in data.heldout.items():
+        keep = KeepMask.parse(mask)
+        cost = per_mask[size].get(mask) if mask in per_mask.index else None
+        if mask == data.dense_mask:
+            cost = data.meta["dense"][size]
+        if cost is None:
+            continue
+        objective = per_mask["objective"].get(mask) if mask in per_mask.index else data.meta.get("dense_objective")
+        rows.append({"mask": mask, "strategy": finders.get(mask, "?"), size: cost,
+                     "removed_fraction": 1 - cost / data.meta["dense"][size], "removed_attn": keep.removed_attn,
+                     "removed_ffn": keep.removed_ffn, "objective": objective, "heldout_ppl": ppl})
+    frame = pd.DataFrame(rows, columns=["mask", "strategy", size, "removed_fraction", "removed_attn", "removed_ffn",
+                                        "objective", "heldout_ppl"])
+    if frame.empty:
+        return frame
+    return frame[pareto_mask(frame[size], frame["heldout_ppl"])].sort_values(size).reset_index(drop=True)
+
+
+def results_frame(data: StudyData) -> pd.DataFrame:
+    """Each strategy's result at each budget target, with its objective, held-out ppl and optimality gap."""
+    metric = data.meta["budget_metric"]
+    objective = data.trials.drop_duplicates("mask").set_index("mask")["objective"].to_dict()
+    costs = data.trials.drop_duplicates("mask").set_index("mask")[metric].to_dict()
+    rows = []
+    for tag, record in data.records.items():
+        for key, mask in record.get("results", {}).items():
+            rows.append({"target": float(key), "strategy": tag, "mask": mask, metric: costs.get(mask),
+                         "objective": objective.get(mask), "heldout_ppl": data.heldout.get(mask)})
+    frame = pd.DataFrame(rows, columns=["target", "strategy", "mask", metric, "objective", "heldout_ppl"])
+    optimum = {float(k): objective.get(m) for k, m in _exhaustive(data).get("results", {}).items() if m}
+    frame["optimum"] = frame["target"].map(optimum)
+    frame["gap"] = frame["objective"] - frame["optimum"]
+    return frame.sort_values(["target", "strategy"], kind="stable").reset_index(drop=True)
+
+
+def _exhaustive(data: StudyData) -> dict:
+    return next((r for r in data.records.values() if r.get("name") == "exhaustive" and r.get("done")), {})
+
+
+# summary.md ------------------------------------------------------------------------------------------------
+def _md_table(frame: pd.DataFrame) -> str:
+    def cell(value) -> str:
+        if value is None or (isinstance(value, float) and pd.isna(value)):
+            return "-"
+        return f"{value:.4g}" if isinstance(value, float) else str(value).replace("|", "\\|")
+
+    head = "| " + " | ".join(frame.columns) + " |\n|" + "---|" * len(frame.columns)
+    body = ["| " + " | ".join(cell(v) for v in row) + " |" for row in frame.itertuples(index=False)]
+    return "\n".join([head, *body])
+
+
+def _gap_text(row) -> str:
+    if pd.isna(row.optimum) or pd.isna(row.objective):
+        return "-"
+    if abs(row.gap) < 1e-9:
+        return "0 (optimum)"
+    return f"+{row.gap:.4g} ({row.gap / row.optimum:+.1%})" if row.optimum > 0 else f"+{row.gap:.4g}"
+
+
+def _strategy_table(data: StudyData, results: pd.DataFrame) -> pd.DataFrame:
+    rows = []
+    for tag, record in data.records.items():
+        mine = results[results["strategy"] == tag]
+        reached = int(((mine["gap"].abs() < 1e-9)).sum()) if mine["optimum"].notna().any() else None
+        rows.append({"strategy": tag, "evaluations": record.get("evaluations"), "forwards": record.get("forwards"),
+                     "wall s": record.get("wall_s"), "masks found": f"{int(mine['mask'].notna().sum())}/{len(mine)}",
+                     "at optimum": "-" if reached is None else f"{reached}/{int(mine['optimum'].notna().sum())}",
+                     "notes": "; ".join(record.get("notes", []))})
+    return pd.DataFrame(rows)
+
+
+def summary_markdown(data: StudyData, results: pd.DataFrame, front: pd.DataFrame) -> str:
+    meta, metric = data.meta, data.meta["budget_metric"]
+    dense_ppl = data.heldout.get(data.dense_mask)
+    lines = [f"# Study {data.study_dir}", "",
+             f"model `{meta['model']}`, {meta['num_layers']} layers; objective `{meta['objective']}` on calibration "
+             f"text; budget `{metric}` (dense {meta['dense'][metric]:g} {meta.get('units', {}).get(metric, '')}); "
+             f"{len(data.trials)} trials. Dense model: held-out perplexity "
+             f"{'-' if dense_ppl is None else f'{dense_ppl:.4g}'}.", "",
+             "## Strategies", "", _md_table(_strategy_table(data, results)), ""]
+    for target, group in results.groupby("target", sort=True):
+        limit = (1 - target) * meta["dense"][metric]
+        table = pd.DataFrame({"strategy": group["strategy"], "mask": group["mask"], metric: group[metric],
+                              "objective": group["objective"], "gap vs exhaustive": [_gap_text(r) for r in group.itertuples()],
+                              "held-out ppl": group["heldout_ppl"]})
+        lines += [f"## Budget: {target:.0%} of {metric} removed ({metric} <= {limit:g})", "", _md_table(table), ""]
+    lines += ["## Pareto front: size vs held-out perplexity", "", _md_table(front) if not front.empty else "(empty)", ""]
+    return "\n".join(lines)
+
+
+# plots -----------------------------------------------------------------------------------------------------
+def _own_front(frame: pd.DataFrame, size: str, quality: str) -> pd.DataFrame:
+    frame = frame.dropna(subset=[size, quality]).drop_duplicates("mask")
+    return frame[pareto_mask(frame[size], frame[quality])].sort_values(size) if len(frame) else frame
+
+
+def plot_pareto_png(data: StudyData, results: pd.DataFrame, front: pd.DataFrame, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    size, dense = data.size_metric, data.meta["dense"][data.size_metric]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5))
+    for i, (tag, group) in enumerate(data.trials.groupby("strategy", sort=False)):
+        color = f"C{i % 10}"
+        left.scatter(group[size], group["objective"], s=6, alpha=0.25, color=color)
+        own = _own_front(group, size, "objective")
+        left.plot(own[size], own["objective"], marker="o", ms=3, color=color, label=tag)
+        mine = results[results["strategy"] == tag].merge(data.trials[["mask", size]].drop_duplicates("mask"), on="mask")
+        mine = mine.dropna(subset=["heldout_ppl"]).sort_values(size)
+        right.plot(mine[size], mine["heldout_ppl"], marker="o", ms=4, alpha=0.8, color=color, label=tag)
+    left.scatter([dense], [data.meta.get("dense_objective", 0.0)], marker="*", s=200, color="k", label="dense", zorder=5)
+    if not front.empty:
+        right.step(front[size], front["heldout_ppl"], where="post", color="k", lw=1.5, label="overall front")
+    if data.dense_mask in data.heldout:
+        right.scatter([dense], [data.heldout[data.dense_mask]], marker="*", s=200, color="k", label="dense", zorder=5)
+        right.set_yscale("log")
+    left.set(xlabel=size, ylabel=f"calibration {data.meta['objective']}", title="calibration: every trial, per-strategy fronts")
+    right.set(xlabel=size, ylabel="held-out perplexity", title="held-out: each strategy's results, overall front")
+    for axis in (left, right):
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=7)
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120))
+    plt.close(fig)
+    return path
+
+
+def plot_pareto_html(data: StudyData, front: pd.DataFrame, path: Path) -> Path:
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    size = data.size_metric
+    fig = make_subplots(rows=1, cols=2, subplot_titles=("calibration objective (every trial)", "held-out perplexity"))
+    for tag, group in data.trials.groupby("strategy", sort=False):
+        text = group["mask"] + " | " + group["strategy"]
+        fig.add_trace(go.Scatter(x=group[size], y=group["objective"], mode="markers", name=tag, text=text,
+                                 legendgroup=tag, marker={"size": 5}), row=1, col=1)
+        held = group.dropna(subset=["heldout_ppl"]).drop_duplicates("mask")
+        fig.add_trace(go.Scatter(x=held[size], y=held["heldout_ppl"], mode="markers", name=tag, text=held["mask"],
+                                 legendgroup=tag, showlegend=False, marker={"size": 8}), row=1, col=2)
+    if not front.empty:
+        fig.add_trace(go.Scatter(x=front[size], y=front["heldout_ppl"], mode="lines+markers", name="front",
+                                 text=front["mask"] + " | " + front["strategy"], line={"shape": "hv", "color": "black"}),
+                      row=1, col=2)
+    dense = data.meta["dense"][size]
+    fig.add_trace(go.Scatter(x=[dense], y=[data.meta.get("dense_objective", 0.0)], mode="markers", name="dense",
+                             marker={"symbol": "star", "size": 14, "color": "black"}), row=1, col=1)
+    fig.update_xaxes(title_text=size)
+    fig.update_layout(title=f"Study {data.study_dir}: size vs quality", hovermode="closest")
+    return atomic_write(path, lambda tmp: fig.write_html(tmp, include_plotlyjs=True))
+
+
+def plot_layers_png(data: StudyData, front: pd.DataFrame, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    layers = data.meta["num_layers"]
+    rows = front if not front.empty else pd.DataFrame({"mask": [data.dense_mask], "strategy": ["dense"]})
+    grid = np.array([[0.0 if keep else 1.0 for keep in KeepMask.parse(m).bits] for m in rows["mask"]])
+    fig, axis = plt.subplots(figsize=(max(6, 0.35 * 2 * layers + 3), max(2.5, 0.35 * len(rows) + 1.5)))
+    axis.imshow(grid, cmap="Reds", vmin=0, vmax=1.4, aspect="auto")
+    axis.set_xticks(range(2 * layers), [f"L{i // 2}.{'AM'[i % 2]}" for i in range(2 * layers)], rotation=90, fontsize=7)
+    labels = [f"{r.strategy} ({r.heldout_ppl:.3g})" if "heldout_ppl" in rows else r.strategy for r in rows.itertuples()]
+    axis.set_yticks(range(len(rows)), labels, fontsize=7)
+    axis.set(xlabel="sublayer (A attention, M FFN); red = removed", title="removed sublayers of each front mask")
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120))
+    plt.close(fig)
+    return path
+
+
+# everything ------------------------------------------------------------------------------------------------
+def dashboard_command(storage: str) -> str:
+    return f"optuna-dashboard {storage}"
+
+
+def write_report(study_dir: Path, *, quiet: bool = False) -> dict[str, Path]:
+    """Write every report file of ``study_dir``; returns their paths by name."""
+    data = read_study(Path(study_dir))
+    out = Path(study_dir)
+    front, results = front_frame(data), results_frame(data)
+    paths = {
+        "trials": atomic_write(out / "trials.csv", lambda tmp: data.trials.to_csv(tmp, index=False)),
+        "front": atomic_write(out / "front.csv", lambda tmp: front.to_csv(tmp, index=False)),
+        "pareto_png": plot_pareto_png(data, results, front, out / "pareto.png"),
+        "pareto_html": plot_pareto_html(data, front, out / "pareto.html"),
+        "layers_png": plot_layers_png(data, front, out / "layers.png"),
+        "summary": atomic_write_text(out / "summary.md", summary_markdown(data, results, front)),
+    }
+    print(f"inspect the study: {dashboard_command(data.storage)}")
+    if not quiet:
+        print(f"summary: {paths['summary']}")
+    return paths

@@ -1,0 +1,104 @@
+"""Helpers shared by the strategy modules: settings checks, budget bookkeeping, paths of removals."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Iterable, Sequence
+
+import optuna
+
+from surgery.mask import KeepMask
+
+from .base import StrategySettingsError
+
+if TYPE_CHECKING:
+    from search.context import StrategyRun
+
+Results = dict[float, KeepMask | None]
+
+
+# settings ------------------------------------------------------------------------------------------------
+def check_int(name: str, value, *, minimum: int = 1, allow_none: bool = False) -> int | None:
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise StrategySettingsError(f"setting {name!r} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def check_fraction(name: str, value, *, upper: float = 1.0) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < upper:
+        raise StrategySettingsError(f"setting {name!r} must be a number in [0, {upper:g}), got {value!r}")
+    return float(value)
+
+
+def check_choice(name: str, value, choices: Sequence[str]) -> str:
+    if value not in choices:
+        raise StrategySettingsError(f"setting {name!r} must be one of {', '.join(choices)}; got {value!r}")
+    return value
+
+
+def check_bool(name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise StrategySettingsError(f"setting {name!r} must be true or false, got {value!r}")
+    return value
+
+
+# budgets -------------------------------------------------------------------------------------------------
+def targets(run: StrategyRun) -> list[float]:
+    """The run's budget targets, loosest (smallest fraction removed) first."""
+    return sorted(run.ctx.targets)
+
+
+def tightest_met(run: StrategyRun, mask: KeepMask) -> float | None:
+    """The largest target ``mask`` meets (None when it meets none): the tag its evaluation is recorded under."""
+    met = [t for t in run.ctx.targets if run.ctx.feasible(mask, t)]
+    return max(met) if met else None
+
+
+def next_unmet(run: StrategyRun, mask: KeepMask) -> float | None:
+    """The loosest target ``mask`` does not meet yet (None when it meets all)."""
+    unmet = [t for t in run.ctx.targets if not run.ctx.feasible(mask, t)]
+    return min(unmet) if unmet else None
+
+
+def first_feasible(run: StrategyRun, path: Sequence[KeepMask], why: str) -> Results:
+    """For each target, the first mask of a removal path that meets it, evaluated (so it is recorded)."""
+    results: Results = {}
+    for target in targets(run):
+        mask = next((m for m in path if run.ctx.feasible(m, target)), None)
+        if mask is None:
+            run.note(f"{run.strategy}: no mask for target {target:g} ({why})")
+        else:
+            run.evaluate(mask, target)
+        results[target] = mask
+    return results
+
+
+def prefix_path(num_layers: int, order: Iterable[int]) -> list[KeepMask]:
+    """Dense mask, then whole layers removed cumulatively in ``order``."""
+    removed: list[int] = []
+    path = [KeepMask.dense(num_layers)]
+    for layer in order:
+        removed.append(layer)
+        path.append(KeepMask.from_layers(num_layers, removed))
+    return path
+
+
+def known_feasible(run: StrategyRun, target: float, limit: int) -> list[KeepMask]:
+    """Best ``limit`` distinct masks already evaluated in the main study (any strategy) that meet ``target``."""
+    best: dict[str, float] = {}
+    for trial in run.ctx.study.get_trials(deep_copy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+        text = trial.user_attrs.get("mask")
+        if text is not None and text not in best:
+            best[text] = trial.values[0]
+    masks = [KeepMask.parse(text) for text in sorted(best, key=lambda t: (best[t], t))]
+    return [m for m in masks if m.num_layers == run.num_layers and run.ctx.feasible(m, target)][:limit]
+
+
+def objective_name(run: StrategyRun) -> str:
+    return run.ctx.scorer.objective.name
+
+
+def argmin(values: Sequence[float]) -> int:
+    """Index of the smallest value; ties go to the earliest (deterministic)."""
+    return min(range(len(values)), key=lambda i: (values[i], i))

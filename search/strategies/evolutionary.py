@@ -1,0 +1,127 @@
+"""EvoPress-style evolutionary search, one run per budget target.
+
+A (1 + lambda) elitist loop: each generation draws ``offspring`` distinct, never-seen children of the parent by
+swap mutations (re-add a removed sublayer, remove a kept one: the removal count is unchanged), repaired to
+meet the budget when sublayer costs differ (remove random kept sublayers until feasible, then re-add removed
+ones that still fit, so no budget is wasted). Staged selection scores the children on the first
+``stage_sequences`` calibration sequences (``run.partial``, not recorded), the best ``survivors`` on the full
+set (``run.evaluate``); the parent is replaced only by a better child. Children are drawn with a bounded
+number of attempts, so a small space ends the run early instead of looping.
+"""
+
+from __future__ import annotations
+
+import random
+
+from surgery.mask import KeepMask
+
+from ._common import Results, argmin, check_choice, check_int, known_feasible, targets
+from .base import Strategy, register
+
+ATTEMPTS_PER_CHILD = 20
+
+
+@register("evolutionary")
+class Evolutionary(Strategy):
+    def __init__(
+        self,
+        *,
+        generations: int = 30,
+        offspring: int = 16,
+        survivors: int = 2,
+        stage_sequences: int = 2,
+        max_swaps: int = 2,
+        init: str = "random",
+        seed: int | None = None,
+    ):
+        self.generations = check_int("generations", generations, minimum=0)
+        self.offspring = check_int("offspring", offspring)
+        self.survivors = check_int("survivors", survivors)
+        self.stage_sequences = check_int("stage_sequences", stage_sequences)
+        self.max_swaps = check_int("max_swaps", max_swaps)
+        self.init = check_choice("init", init, ("random", "study"))
+        self.seed = check_int("seed", seed, minimum=0, allow_none=True)
+
+    def search(self, run) -> Results:
+        seed = run.seed if self.seed is None else self.seed
+        return {target: self._evolve(run, target, random.Random(f"{seed}:{target}")) for target in targets(run)}
+
+    # one target ----------------------------------------------------------------------------------------------
+    def _evolve(self, run, target: float, rng: random.Random) -> KeepMask | None:
+        parent = self._initial(run, target, rng)
+        if parent is None:
+            run.note(f"{run.strategy}: no mask meets target {target:g}, even with every sublayer removed")
+            return None
+        value = run.evaluate(parent, target)
+        seen = {parent}
+        for generation in range(self.generations):
+            children = self._children(run, target, parent, rng, seen)
+            if not children:
+                run.note(f"{run.strategy}: target {target:g}: no unseen child after generation {generation}; stop")
+                break
+            survivors = self._stage(run, children)
+            values = run.evaluate_many(survivors, target)
+            best = argmin(values)
+            if values[best] < value:
+                parent, value = survivors[best], values[best]
+        return parent
+
+    def _stage(self, run, children: list[KeepMask]) -> list[KeepMask]:
+        """The ``survivors`` children with the best objective on the first ``stage_sequences`` sequences."""
+        if len(children) <= self.survivors:
+            return children
+        scores = [run.partial(child, self.stage_sequences) for child in children]
+        order = sorted(range(len(children)), key=lambda i: (scores[i], i))
+        return [children[i] for i in order[: self.survivors]]
+
+    def _initial(self, run, target: float, rng: random.Random) -> KeepMask | None:
+        if self.init == "study":
+            known = known_feasible(run, target, 1)
+            if known:
+                return known[0]
+        candidates = [m for m in (self._random_mask(run, target, rng) for _ in range(self.offspring)) if m]
+        if not candidates:
+            return None
+        return self._stage(run, list(dict.fromkeys(candidates)))[0]
+
+    # variation -----------------------------------------------------------------------------------------------
+    def _children(self, run, target, parent: KeepMask, rng: random.Random, seen: set) -> list[KeepMask]:
+        children: list[KeepMask] = []
+        for _ in range(self.offspring * ATTEMPTS_PER_CHILD):
+            child = self._mutate(run, target, parent, rng)
+            if child is not None and child not in seen:
+                seen.add(child)
+                children.append(child)
+                if len(children) == self.offspring:
+                    break
+        return children
+
+    def _mutate(self, run, target, parent: KeepMask, rng: random.Random) -> KeepMask | None:
+        bits = list(parent.bits)
+        for _ in range(rng.randint(1, self.max_swaps)):
+            removed = [i for i, keep in enumerate(bits) if not keep]
+            kept = [i for i, keep in enumerate(bits) if keep]
+            if not removed or not kept:
+                break
+            bits[rng.choice(removed)], bits[rng.choice(kept)] = True, False
+        return self._repair(run, target, bits, rng)
+
+    def _random_mask(self, run, target, rng: random.Random) -> KeepMask | None:
+        return self._repair(run, target, [True] * (2 * run.num_layers), rng)
+
+    @staticmethod
+    def _repair(run, target, bits: list[bool], rng: random.Random) -> KeepMask | None:
+        """Remove random kept sublayers until feasible, then re-add removed ones (random order) that still fit."""
+        kept = [i for i, keep in enumerate(bits) if keep]
+        rng.shuffle(kept)
+        while not run.ctx.feasible(KeepMask(tuple(bits)), target):
+            if not kept:
+                return None
+            bits[kept.pop()] = False
+        removed = [i for i, keep in enumerate(bits) if not keep]
+        rng.shuffle(removed)
+        for index in removed:
+            bits[index] = True
+            if not run.ctx.feasible(KeepMask(tuple(bits)), target):
+                bits[index] = False
+        return KeepMask(tuple(bits))

@@ -1,0 +1,90 @@
+"""Greedy removal, one unit per step: FinerCut and BlockPruner (sublayers), SLEB (whole layers).
+
+Each step evaluates every remaining candidate's removal on the full calibration set and removes the one with
+the lowest objective, until the tightest budget target is met (O(L^2) evaluations). The answer for a target is
+the first mask of the removal path that meets it. The objective is the study's (FinerCut's paper uses JS,
+BlockPruner and SLEB perplexity / calibration loss); the removal order is kept in ``self.order``.
+"""
+
+from __future__ import annotations
+
+from surgery.mask import ATTN, FFN, KeepMask, sublayer_name
+
+from ._common import Results, argmin, check_choice, check_fraction, first_feasible, next_unmet, objective_name
+from .base import Strategy, register
+
+KINDS = {"attn": (ATTN,), "ffn": (FFN,), "both": (ATTN, FFN)}
+
+
+class GreedyRemoval(Strategy):
+    """Greedy loop over removal units; subclasses say what a unit is."""
+
+    expected_objective: str | None = None
+
+    def __init__(self, *, exclude_front: float = 0.0, kinds: str = "both"):
+        self.exclude_front = check_fraction("exclude_front", exclude_front)
+        self.kinds = check_choice("kinds", kinds, tuple(KINDS))
+        self.order: list[tuple[int, ...]] = []  # flat sublayer indices removed at each step
+
+    def units(self, mask: KeepMask) -> list[tuple[int, ...]]:
+        """Flat sublayer indices removed together, for every unit still removable from ``mask``."""
+        first = int(self.exclude_front * mask.num_layers)
+        return [
+            (2 * layer + kind,)
+            for layer in range(first, mask.num_layers)
+            for kind in KINDS[self.kinds]
+            if mask.keeps(layer, kind)
+        ]
+
+    def search(self, run) -> Results:
+        if self.expected_objective and objective_name(run) != self.expected_objective:
+            run.note(f"{run.strategy}: scored by the study objective {objective_name(run)!r} "
+                     f"(the method's own is {self.expected_objective!r})")
+        mask = run.ctx.dense()
+        path, self.order = [mask], []
+        while (pending := next_unmet(run, mask)) is not None:
+            units = self.units(mask)
+            if not units:
+                break
+            candidates = [KeepMask.from_removed(mask.num_layers, mask.removed + unit) for unit in units]
+            best = argmin(run.evaluate_many(candidates, pending))
+            mask = candidates[best]
+            self.order.append(units[best])
+            path.append(mask)
+        run.note(f"{run.strategy}: removal order "
+                 + ", ".join("+".join(sublayer_name(i) for i in unit) for unit in self.order))
+        return first_feasible(run, path, "every allowed unit removed first")
+
+
+@register("greedy_finercut")
+class GreedyFinerCut(GreedyRemoval):
+    """FinerCut: attention and FFN sublayers as candidates; ``exclude_front`` keeps the first layers
+    (FinerCut's -x), ``kinds`` restricts candidates to attention or FFN sublayers."""
+
+
+@register("blockpruner")
+class BlockPruner(GreedyRemoval):
+    """BlockPruner: greedy over sublayers, by perplexity in the paper."""
+
+    expected_objective = "ppl"
+
+    def __init__(self, *, exclude_front: float = 0.0):
+        super().__init__(exclude_front=exclude_front, kinds="both")
+
+
+@register("sleb")
+class SLEB(GreedyRemoval):
+    """SLEB: greedy over whole layers (both sublayers removed together), by calibration loss in the paper."""
+
+    expected_objective = "ppl"
+
+    def __init__(self, *, exclude_front: float = 0.0):
+        super().__init__(exclude_front=exclude_front, kinds="both")
+
+    def units(self, mask: KeepMask) -> list[tuple[int, ...]]:
+        first = int(self.exclude_front * mask.num_layers)
+        return [
+            (2 * layer + ATTN, 2 * layer + FFN)
+            for layer in range(first, mask.num_layers)
+            if mask.keeps(layer, ATTN) and mask.keeps(layer, FFN)
+        ]

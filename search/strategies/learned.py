@@ -1,0 +1,229 @@
+"""Learned masks: hard-concrete sublayer gates trained against the dense model under a budget (Sheared-LLaMA).
+
+Each sublayer i gets a gate ``z_i`` on its residual contribution (:mod:`surgery.gates`):
+``h = h + z_A * attn(norm(h)); h = h + z_M * ffn(norm(h))``. The model's weights are frozen; only the gates'
+``log_alpha`` and two Lagrange multipliers train.
+
+Why hard-concrete (Louizos et al. 2018, as in Sheared-LLaMA) rather than a straight-through estimator: a
+stretched, clamped concrete sample ``z = clamp(sigmoid((log u - log(1-u) + log_alpha) / beta) * (r - l) + l,
+0, 1)`` with ``(l, r) = (-0.1, 1.1)`` is exactly 0 or 1 with positive probability, so the model is trained
+on (and the KL sees) genuinely removed sublayers, while ``P(z_i != 0) = sigmoid(log_alpha - beta log(-l/r))``
+is a smooth function of ``log_alpha``: the expected cost ``fixed + sum_i P(z_i != 0) cost_i`` has an exact
+gradient. That works for any additive budget (parameters, KV bytes, latency tables). A straight-through
+estimator would need a biased gradient for the gate and a separate relaxation for the cost.
+
+Loss per step, on ``batch`` calibration sequences: the study's objective (KL(dense || gated) by default, from
+the cached dense reference of the scorer) plus Sheared-LLaMA's Lagrangian ``lambda_1 d + lambda_2 d^2`` with
+``d = (expected cost - limit) / dense cost``. Gates descend (Adam, ``lr``); the multipliers ascend
+(``lambda_lr``), which drives the expected cost onto the target rather than merely under it.
+
+Rounding: sublayers are kept in order of their learned ``log_alpha`` (the deterministic gate's order) while the
+mask stays feasible (budget target and every extra constraint of the study); a sublayer that no longer fits is
+skipped, so a large high-score sublayer can make room for smaller ones below it. The mask thus fills the budget
+as closely as the gate order allows. It is evaluated with ``run.evaluate`` and so recorded as a trial of this
+strategy in the main study; the Optuna sampler strategies warm-start from the best feasible masks of that
+study, so recording is all the enqueueing needed.
+
+Cost: one step is ``batch`` sequences forward and backward, about 3 forwards each. The training cost is added
+to ``run.forwards`` in sequence-forwards and noted in evaluations-equivalent (one evaluation = one forward of
+every calibration sequence), comparable with greedy FinerCut's evaluation count.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from objectives.budgets import BudgetError
+from objectives.proxy import Reference
+from search.context import SearchContext, StrategyRun
+from surgery.gates import SublayerGates, frozen
+from surgery.mask import KeepMask
+
+from .base import Strategy, StrategySettingsError, register
+
+STRETCH = (-0.1, 1.1)
+BACKWARD_FACTOR = 3  # forward + backward ~ 3 forwards
+
+
+class HardConcrete(nn.Module):
+    """One hard-concrete gate per sublayer: ``log_alpha`` parameters, temperature ``beta``, stretch (l, r)."""
+
+    def __init__(self, n: int, *, beta: float, init_keep: float):
+        super().__init__()
+        self.beta = beta
+        self.log_alpha = nn.Parameter(torch.full((n,), math.log(init_keep / (1 - init_keep))))
+
+    def sample(self, generator: torch.Generator) -> torch.Tensor:
+        low, high = STRETCH
+        u = torch.rand(self.log_alpha.shape, generator=generator).clamp(1e-6, 1 - 1e-6)
+        s = torch.sigmoid((u.log() - (-u).log1p() + self.log_alpha) / self.beta)
+        return (s * (high - low) + low).clamp(0.0, 1.0)
+
+    def deterministic(self) -> torch.Tensor:
+        low, high = STRETCH
+        return (torch.sigmoid(self.log_alpha) * (high - low) + low).clamp(0.0, 1.0)
+
+    def keep_prob(self) -> torch.Tensor:
+        """P(z != 0) per gate."""
+        low, high = STRETCH
+        return torch.sigmoid(self.log_alpha - self.beta * math.log(-low / high))
+
+
+@dataclass
+class Trained:
+    """Result of one training run: gate scores and the last step's statistics."""
+
+    scores: tuple[float, ...]
+    objective: float
+    expected_removed: float
+    steps: int
+    sequences: int
+
+
+def round_to_budget(scores, ctx: SearchContext, target: float) -> KeepMask | None:
+    """Keep sublayers in descending score order while the mask stays feasible (None if nothing is)."""
+    n = len(scores)
+    mask = KeepMask((False,) * n)
+    if not ctx.feasible(mask, target):
+        return None
+    for index in sorted(range(n), key=lambda i: (-scores[i], i)):
+        candidate = mask.with_kept(index)
+        if ctx.feasible(candidate, target):
+            mask = candidate
+    return mask
+
+
+def reference_for(reference: Reference | None, sequences: torch.Tensor, width: int) -> Reference | None:
+    """The dense reference rows of the given calibration sequences (``width`` positions each)."""
+    if reference is None:
+        return None
+    rows = (sequences[:, None] * width + torch.arange(width)).reshape(-1)
+    pick = lambda t: None if t is None else t[rows]  # noqa: E731
+    return Reference(reference.logp[rows], pick(reference.index), pick(reference.log_tail))
+
+
+def _check(name: str, value, ok: bool, expected: str) -> None:
+    if not ok:
+        raise StrategySettingsError(f"strategy 'learned': setting {name}={value!r} must be {expected}")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+@register("learned")
+class LearnedMasks(Strategy):
+    """Hard-concrete gates with a Lagrangian budget term, one training run per target, rounded to the budget."""
+
+    def __init__(
+        self,
+        *,
+        steps: int = 150,
+        lr: float = 0.1,
+        lambda_lr: float = 1.0,
+        temperature: float = 2 / 3,
+        init_keep: float = 0.9,
+        batch: int = 4,
+        seed: int | None = None,
+        progress: bool = True,
+    ):
+        _check("steps", steps, _is_int(steps) and steps >= 1, "an integer >= 1")
+        _check("lr", lr, _is_real(lr) and lr > 0, "a positive number")
+        _check("lambda_lr", lambda_lr, _is_real(lambda_lr) and lambda_lr >= 0, "a number >= 0")
+        _check("temperature", temperature, _is_real(temperature) and temperature > 0, "a positive number")
+        _check("init_keep", init_keep, _is_real(init_keep) and 0 < init_keep < 1, "a probability in (0, 1)")
+        _check("batch", batch, _is_int(batch) and batch >= 1, "an integer >= 1 (calibration sequences per step)")
+        _check("seed", seed, seed is None or _is_int(seed), "an integer or null (the study seed)")
+        _check("progress", progress, isinstance(progress, bool), "true or false")
+        self.steps, self.lr, self.lambda_lr = steps, float(lr), float(lambda_lr)
+        self.temperature, self.init_keep, self.batch = float(temperature), float(init_keep), batch
+        self.seed, self.progress = seed, progress
+
+    def search(self, run: StrategyRun) -> dict[float, KeepMask | None]:
+        results: dict[float, KeepMask | None] = {}
+        for number, target in enumerate(run.ctx.targets):
+            try:
+                limit = run.ctx.costs.limit(target)
+            except BudgetError as error:
+                run.note(f"learned: target {target:g} skipped: {error}")
+                results[target] = None
+                continue
+            trained = self.train(run.ctx, limit, seed=(run.seed if self.seed is None else self.seed) + number)
+            results[target] = self._finish(run, target, trained)
+        return results
+
+    def _finish(self, run: StrategyRun, target: float, trained: Trained) -> KeepMask | None:
+        ctx = run.ctx
+        mask = round_to_budget(trained.scores, ctx, target)
+        sequence_forwards = BACKWARD_FACTOR * trained.steps * trained.sequences
+        run.forwards += sequence_forwards
+        equivalent = sequence_forwards / len(ctx.scorer.input_ids)
+        summary = (
+            f"learned target {target:g}: {trained.steps} steps x {trained.sequences} sequences forward+backward "
+            f"= {equivalent:.0f} evaluations-equivalent; final objective {trained.objective:.4g}, expected "
+            f"{trained.expected_removed:.1%} removed"
+        )
+        if mask is None:
+            run.note(f"{summary}; no mask meets the budget and constraints")
+            return None
+        value = run.evaluate(mask, target)
+        run.note(f"{summary}; rounded to {mask} ({ctx.costs.removed_fraction(mask):.1%} removed), objective {value:.4g}")
+        return mask
+
+    def train(self, ctx: SearchContext, limit: float, *, seed: int) -> Trained:
+        """Train gates for one cost limit; deterministic given ``seed``."""
+        scorer, costs = ctx.scorer, ctx.costs
+        generator = torch.Generator().manual_seed(seed)
+        gates = HardConcrete(len(costs.per_sublayer), beta=self.temperature, init_keep=self.init_keep)
+        lambdas = torch.zeros(2, requires_grad=True)
+        optimizer = torch.optim.Adam(gates.parameters(), lr=self.lr)
+        ascent = torch.optim.SGD([lambdas], lr=self.lambda_lr, maximize=True)
+        sublayer_cost = torch.tensor(costs.per_sublayer, dtype=torch.float32)
+        batches = _batches(len(scorer.input_ids), min(self.batch, len(scorer.input_ids)), generator)
+        bar = tqdm(range(self.steps), desc=f"learned {1 - limit / costs.dense:.0%}", disable=not self.progress, leave=False)
+        objective, expected = float("nan"), float("nan")
+        with frozen(scorer.model), SublayerGates(scorer.model) as hooks, torch.enable_grad():
+            for step in bar:
+                sequences = next(batches)
+                hooks.values = gates.sample(generator)
+                loss = self._objective(scorer, sequences)
+                cost = costs.fixed + (gates.keep_prob() * sublayer_cost).sum()
+                gap = (cost - limit) / costs.dense
+                total = loss + lambdas[0] * gap + lambdas[1] * gap**2
+                optimizer.zero_grad()
+                ascent.zero_grad()
+                total.backward()
+                optimizer.step()
+                ascent.step()
+                objective, expected = float(loss), 1 - float(cost) / costs.dense
+                if step % 10 == 0 or step == self.steps - 1:
+                    bar.set_postfix(objective=f"{objective:.4f}", removed=f"{expected:.1%}")
+        bar.close()
+        scores = tuple(float(a) for a in gates.log_alpha.detach())
+        return Trained(scores, objective, expected, self.steps, len(sequences))
+
+    @staticmethod
+    def _objective(scorer, sequences: torch.Tensor) -> torch.Tensor:
+        """Mean per-position objective of the gated model on the given calibration sequences."""
+        ids = scorer.input_ids[sequences].to(scorer.device)
+        logits = scorer.model(input_ids=ids, use_cache=False).logits
+        reference = reference_for(scorer.reference, sequences, scorer.positions_per_sequence)
+        summed = scorer.objective.summed(logits, reference, ids)
+        return summed / (len(ids) * scorer.positions_per_sequence)
+
+
+def _batches(count: int, size: int, generator: torch.Generator):
+    """Endless seeded batches of sequence indices: a fresh permutation each epoch."""
+    while True:
+        order = torch.randperm(count, generator=generator)
+        for start in range(0, count - size + 1, size):
+            yield order[start : start + size]

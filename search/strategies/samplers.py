@@ -1,0 +1,174 @@
+"""Optuna samplers over the 2L keep bits: TPE and random (one working study per target) and NSGA-II (one
+multi-objective working study, objective vs fraction of the dense cost kept, for all targets).
+
+Working studies live in the main study's storage, named ``<main>:<strategy>:<target>`` (``<main>:<strategy>``
+for NSGA-II), so re-running resumes them: ``n_trials`` counts the trials they already hold. Each is
+warm-started (``enqueue_trial``) with the best masks of the main study that meet the target, whatever strategy
+found them. The budget is a trial constraint (``trial.set_constraint``): a mask over it is not evaluated and
+gets the value ``PENALTY``; every other mask goes through ``run.evaluate``, so it is recorded in the main study.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import optuna
+
+from surgery.mask import KeepMask
+
+from ._common import Results, check_bool, check_int, known_feasible, targets, tightest_met
+from .base import Strategy, register
+
+PENALTY = 1e9  # objective of a trial over the budget (never evaluated)
+FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.FAIL)
+
+
+@contextlib.contextmanager
+def quiet_optuna():
+    """Silence Optuna's per-trial INFO lines while a working study runs."""
+    before = optuna.logging.get_verbosity()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        yield
+    finally:
+        optuna.logging.set_verbosity(before)
+
+
+def violation(run, mask: KeepMask, target: float) -> float:
+    """0 when ``mask`` meets ``target`` and every extra constraint; else the largest excess (fraction of dense)."""
+    if run.ctx.feasible(mask, target):
+        return 0.0
+    costs = run.ctx.costs
+    excess = [(costs.cost(mask) - costs.limit(target)) / costs.dense]
+    excess += [table.cost(mask) / table.dense - kept for table, kept in run.ctx.constraints]
+    return max(max(excess), 1e-12)
+
+
+def suggest_mask(trial: optuna.Trial, sublayers: int) -> KeepMask:
+    return KeepMask(tuple(bool(trial.suggest_categorical(f"keep_{i}", (0, 1))) for i in range(sublayers)))
+
+
+def trial_mask(trial: optuna.trial.FrozenTrial, sublayers: int) -> KeepMask:
+    return KeepMask(tuple(bool(trial.params[f"keep_{i}"]) for i in range(sublayers)))
+
+
+class OptunaSampling(Strategy):
+    """Shared loop: working studies, warm start, resume, constraint handling."""
+
+    def __init__(self, *, n_trials: int = 100, warm_start: int = 4, seed: int | None = None):
+        self.n_trials = check_int("n_trials", n_trials)
+        self.warm_start = check_int("warm_start", warm_start, minimum=0)
+        self.seed = check_int("seed", seed, minimum=0, allow_none=True)
+
+    def sampler(self, seed: int) -> optuna.samplers.BaseSampler:
+        raise NotImplementedError
+
+    def working_study(self, run, name: str, seed: int, directions: list[str]) -> optuna.Study:
+        main = run.ctx.study
+        return optuna.create_study(
+            storage=main._storage,
+            study_name=f"{main.study_name}:{name}",
+            sampler=self.sampler(seed),
+            directions=directions,
+            load_if_exists=True,
+        )
+
+    def enqueue_known(self, run, study: optuna.Study, target: float) -> None:
+        sublayers = 2 * run.num_layers
+        present = {trial_mask(t, sublayers) for t in study.get_trials(deep_copy=False) if len(t.params) == sublayers}
+        for mask in known_feasible(run, target, self.warm_start):
+            if mask not in present:
+                study.enqueue_trial({f"keep_{i}": int(bit) for i, bit in enumerate(mask.bits)})
+                present.add(mask)
+
+    def optimize(self, study: optuna.Study, objective) -> None:
+        done = len(study.get_trials(deep_copy=False, states=FINISHED))
+        if done < self.n_trials:
+            with quiet_optuna():
+                study.optimize(objective, n_trials=self.n_trials - done)
+
+    @staticmethod
+    def best_for(run, study: optuna.Study, target: float) -> KeepMask | None:
+        """Lowest-objective mask among the working study's completed trials that meets ``target``."""
+        sublayers = 2 * run.num_layers
+        best: tuple[float, int, KeepMask] | None = None
+        for trial in study.get_trials(deep_copy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+            mask = trial_mask(trial, sublayers)
+            if run.ctx.feasible(mask, target) and (best is None or (trial.values[0], trial.number) < best[:2]):
+                best = (trial.values[0], trial.number, mask)
+        if best is None:
+            run.note(f"{run.strategy}: no trial met target {target:g}")
+            return None
+        run.evaluate(best[2], target)
+        return best[2]
+
+
+class PerTargetSampling(OptunaSampling):
+    """Single-objective working study per target, the budget as constraint."""
+
+    def search(self, run) -> Results:
+        seed = run.seed if self.seed is None else self.seed
+        results: Results = {}
+        for index, target in enumerate(targets(run)):
+            study = self.working_study(run, f"{run.strategy}:{target:g}", seed + index, ["minimize"])
+            self.enqueue_known(run, study, target)
+            self.optimize(study, lambda trial, t=target: self._objective(run, trial, t))
+            results[target] = self.best_for(run, study, target)
+        return results
+
+    @staticmethod
+    def _objective(run, trial: optuna.Trial, target: float) -> float:
+        mask = suggest_mask(trial, 2 * run.num_layers)
+        excess = violation(run, mask, target)
+        trial.set_constraint("budget", excess)
+        return PENALTY if excess > 0 else run.evaluate(mask, target)
+
+
+@register("tpe")
+class TPE(PerTargetSampling):
+    def __init__(self, *, n_trials: int = 100, warm_start: int = 4, n_startup_trials: int = 10,
+                 multivariate: bool = True, seed: int | None = None):
+        super().__init__(n_trials=n_trials, warm_start=warm_start, seed=seed)
+        self.n_startup_trials = check_int("n_startup_trials", n_startup_trials, minimum=0)
+        self.multivariate = check_bool("multivariate", multivariate)
+
+    def sampler(self, seed: int) -> optuna.samplers.BaseSampler:
+        return optuna.samplers.TPESampler(
+            seed=seed, n_startup_trials=self.n_startup_trials, multivariate=self.multivariate
+        )
+
+
+@register("random")
+class RandomSearch(PerTargetSampling):
+    def sampler(self, seed: int) -> optuna.samplers.BaseSampler:
+        return optuna.samplers.RandomSampler(seed=seed)
+
+
+@register("nsga2")
+class NSGA2(OptunaSampling):
+    """One multi-objective study (objective, fraction of the dense cost kept); the loosest target is the
+    constraint; each target's answer is the best of its trials that meet it."""
+
+    def __init__(self, *, n_trials: int = 200, population_size: int = 24, warm_start: int = 4,
+                 seed: int | None = None):
+        super().__init__(n_trials=n_trials, warm_start=warm_start, seed=seed)
+        self.population_size = check_int("population_size", population_size, minimum=2)
+
+    def sampler(self, seed: int) -> optuna.samplers.BaseSampler:
+        return optuna.samplers.NSGAIISampler(seed=seed, population_size=self.population_size)
+
+    def search(self, run) -> Results:
+        seed = run.seed if self.seed is None else self.seed
+        study = self.working_study(run, run.strategy, seed, ["minimize", "minimize"])
+        for target in targets(run):
+            self.enqueue_known(run, study, target)
+        self.optimize(study, lambda trial: self._objective(run, trial))
+        return {target: self.best_for(run, study, target) for target in targets(run)}
+
+    @staticmethod
+    def _objective(run, trial: optuna.Trial) -> tuple[float, float]:
+        mask = suggest_mask(trial, 2 * run.num_layers)
+        kept = run.ctx.costs.cost(mask) / run.ctx.costs.dense
+        excess = violation(run, mask, min(run.ctx.targets))
+        trial.set_constraint("budget", excess)
+        return (PENALTY if excess > 0 else run.evaluate(mask, tightest_met(run, mask)), kept)
