@@ -5,8 +5,8 @@ to the start of its FFN sublayer (the FFN's first norm or module), the FFN subla
 end; everything outside the layers (embedding, mask/rotary set-up, final norm, head) is the fixed cost. The
 segments add up to the forward's time by construction, so the additive model ``fixed + sum of kept
 sublayers`` is exact for the dense model; a physically pruned model simply lacks the removed segments.
-Each segment is the median over repeats (after warm-up), then scaled by ``dense_ms / hooked_ms`` so the hooks'
-own overhead does not count. CPU stamps use ``time.perf_counter``; CUDA stamps are CUDA events.
+Each segment is the median over repeats (after warm-up), then all are scaled so they add up to the median
+un-hooked forward time: the hooks' own overhead does not count. CPU stamps use ``time.perf_counter``; CUDA stamps are CUDA events.
 
 Phases: ``prefill`` (``batch_size x seq_len`` tokens, no cache) and ``decode`` (one new token per sequence
 for ``decode_batch_size`` sequences, on a KV cache holding ``context`` tokens).
@@ -51,6 +51,7 @@ class LatencySettings(BaseModel):
     decode_batch_size: int = Field(1, ge=1)
     warmup: int = Field(2, ge=0)
     repeats: int = Field(7, ge=1)
+    decode_steps: int = Field(8, ge=1)  # decode steps per timed repeat (one step alone is too short to time)
     profile: str | None = None  # JSON file holding the profile (reused when it matches model and settings)
     seed: int = 0
 
@@ -66,6 +67,10 @@ class LatencySettings(BaseModel):
                 for item in error.errors()
             ]
             raise LatencyError("; ".join(problems)) from None
+
+    def steps(self, phase: str) -> int:
+        """Forward calls per timed repeat: 1 for prefill, ``decode_steps`` for decode."""
+        return self.decode_steps if phase == "decode" else 1
 
     def shape(self, phase: str) -> dict[str, int]:
         """The input shape a phase is profiled at (part of what a stored profile must match)."""
@@ -145,8 +150,11 @@ def phase_runner(model: nn.Module, phase: str, settings: LatencySettings) -> Cal
     return decode
 
 
-def interleaved_ms(runners: Mapping[str, Callable[[], Any]], *, warmup: int, repeats: int, device) -> dict[str, float]:
-    """Median milliseconds of each runner, measured round-robin (side by side) so drift hits all alike."""
+def interleaved_ms(
+    runners: Mapping[str, Callable[[], Any]], *, warmup: int, repeats: int, device, steps: int = 1
+) -> dict[str, float]:
+    """Median milliseconds per call of each runner; each repeat times ``steps`` calls, round-robin over the
+    runners (side by side) so that drift in the machine's load hits all of them alike."""
     clock = clock_for(torch.device(device))
     times: dict[str, list[float]] = {name: [] for name in runners}
     with torch.inference_mode():
@@ -154,11 +162,12 @@ def interleaved_ms(runners: Mapping[str, Callable[[], Any]], *, warmup: int, rep
             for name, run in runners.items():
                 clock.sync()
                 start = clock.stamp()
-                run()
+                for _ in range(steps):
+                    run()
                 end = clock.stamp()
                 clock.sync()
                 if round_index >= warmup:
-                    times[name].append(clock.ms(start, end))
+                    times[name].append(clock.ms(start, end) / steps)
     return {name: statistics.median(values) for name, values in times.items()}
 
 
@@ -229,7 +238,8 @@ def profile_phase(model: nn.Module, phase: str, settings: LatencySettings) -> Ph
         timeline = _Timeline(model, clock)
         totals, rows = [], []
         try:
-            for index in range(settings.warmup + settings.repeats):
+            steps = settings.steps(phase)
+            for index in range(settings.warmup + settings.repeats * steps):
                 run()
                 clock.sync()
                 total, per = timeline.segments()
@@ -238,18 +248,24 @@ def profile_phase(model: nn.Module, phase: str, settings: LatencySettings) -> Ph
                     rows.append(per)
         finally:
             timeline.remove()
-        dense_ms = interleaved_ms({"dense": run}, warmup=settings.warmup, repeats=settings.repeats, device=device)
+        dense_ms = interleaved_ms(
+            {"dense": run}, warmup=settings.warmup, repeats=settings.repeats, device=device, steps=steps
+        )
     return _scaled(phase, settings, totals, rows, dense_ms["dense"])
 
 
 def _scaled(phase, settings, totals, rows, dense_ms) -> PhaseProfile:
-    hooked = statistics.median(totals)
+    """Median of every segment (fixed = the forward outside the sublayers), scaled to the un-hooked median.
+
+    Scaling rather than subtracting spreads the hooks' overhead, and on a shared CPU the time lost to other
+    processes, over the segments in proportion to their length, which is how both accrue.
+    """
     per = [statistics.median(column) for column in zip(*rows)]
-    scale = dense_ms / hooked
-    fixed = max(hooked - sum(per), 0.0)
+    fixed = statistics.median(total - sum(row) for total, row in zip(totals, rows))
+    scale = dense_ms / (fixed + sum(per))
     return PhaseProfile(
-        phase, settings.shape(phase), fixed * scale, [p * scale for p in per], dense_ms, hooked,
-        settings.repeats, settings.warmup,
+        phase, settings.shape(phase), fixed * scale, [p * scale for p in per], dense_ms,
+        statistics.median(totals), settings.repeats, settings.warmup,
     )
 
 

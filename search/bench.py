@@ -37,6 +37,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seq-len", type=int, default=128, help="prefill tokens per sequence (default 128)")
     parser.add_argument("--context", type=int, default=256, help="decode: tokens in the KV cache (default 256)")
     parser.add_argument("--decode-batch-size", type=int, default=1, help="decode sequences (default 1)")
+    parser.add_argument("--decode-steps", type=int, default=8, help="decode steps per timed repeat (default 8)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=7, help="timed repeats; the median is reported (default 7)")
     parser.add_argument("--dtype", default="float32", help="float32 (default), bfloat16 or float16")
@@ -144,7 +145,9 @@ def compare(export: nn.Module, dense: nn.Module, settings: LatencySettings) -> d
     timings = {}
     for phase in ("prefill", "decode"):
         runners = {"export": phase_runner(export, phase, settings), "dense": phase_runner(dense, phase, settings)}
-        timings[phase] = interleaved_ms(runners, warmup=settings.warmup, repeats=settings.repeats, device=device)
+        timings[phase] = interleaved_ms(
+            runners, warmup=settings.warmup, repeats=settings.repeats, device=device, steps=settings.steps(phase)
+        )
     rows: dict[str, dict[str, float | None]] = {}
     prefill_tokens = settings.batch_size * settings.seq_len
     for who, model in (("export", export), ("dense", dense)):
@@ -202,7 +205,7 @@ def main(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     settings = LatencySettings.from_mapping(
         {"batch_size": args.batch_size, "seq_len": args.seq_len, "context": args.context,
-         "decode_batch_size": args.decode_batch_size, "warmup": args.warmup, "repeats": args.repeats}
+         "decode_batch_size": args.decode_batch_size, "decode_steps": args.decode_steps, "warmup": args.warmup, "repeats": args.repeats}
     )
     dense, _ = load_model(args.against, dtype=args.dtype, device=args.device)
     export, _ = load_model(args.export_dir, dtype=args.dtype, device=args.device, trust_remote_code=True)

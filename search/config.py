@@ -22,6 +22,7 @@ class ModelSection(_Section):
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     device: str = "auto"
     trust_remote_code: bool = False
+    threads: int | None = Field(None, ge=1)  # torch CPU threads (None: torch's default); 1 avoids oversubscription
 
 
 class TextSection(_Section):
@@ -73,6 +74,16 @@ class ExecutorSection(_Section):
     resources_per_worker: dict[str, float] = Field(default_factory=lambda: {"CPU": 1})
 
 
+class EngineSection(_Section):
+    """How masks are scored: prefix reuse (exact) and optional staged selection (not exact)."""
+
+    prefix_reuse: bool = True  # reuse hidden states of shared mask prefixes; same numbers as the plain loop
+    staged: bool = False  # score batches on a few sequences first, fully evaluate only the best
+    stage_sequences: int = Field(2, ge=1)
+    stage_keep: int = Field(4, ge=1)
+    staged_strategies: list[str] = Field(default_factory=list)  # tags staging applies to (empty: all)
+
+
 class StudyConfig(_Section):
     model: ModelSection
     calibration: TextSection
@@ -83,6 +94,7 @@ class StudyConfig(_Section):
     strategies: list[StrategyEntry]
     storage: str | None = None  # Optuna storage URL; default: sqlite file in the output directory
     executor: ExecutorSection = Field(default_factory=ExecutorSection)
+    engine: EngineSection = Field(default_factory=EngineSection)
     confirm: dict[str, Any] = Field(default_factory=dict)  # validated by search.confirm
     latency: dict[str, Any] = Field(default_factory=dict)  # validated by objectives.latency
     seed: int = 0

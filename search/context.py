@@ -9,15 +9,17 @@ strategy asking for a mask it already evaluated gets the stored value back witho
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
-from typing import Iterable
+from typing import Any, Iterable
 
 import optuna
 from optuna.distributions import IntDistribution
 
 from objectives.budgets import CostTable
 from objectives.scorer import MaskScorer
+from search.engine import staged_survivors
 from surgery.mask import KeepMask
 
 MAIN_STUDY = "depthsearch"
@@ -42,6 +44,9 @@ class SearchContext:
     seed: int = 0
     extra_costs: tuple[CostTable, ...] = ()  # other metrics recorded on every trial
     constraints: tuple[tuple[CostTable, float], ...] = ()  # (metric, max fraction of dense kept) for all masks
+    evaluator: Any = None  # batch scorer: score_many(masks, sequences) (search.engine / search.workers); None: plain
+    staging: Any = None  # search.engine.Staging: staged selection in evaluate_many (None: exact, the default)
+    staged_strategies: tuple[str, ...] = ()  # strategy tags that use staging (empty: every strategy)
     _values: dict[str, float] = field(default_factory=dict)  # mask text -> full objective value
 
     def __post_init__(self) -> None:
@@ -98,25 +103,61 @@ class StrategyRun:
 
     def evaluate(self, mask: KeepMask, target: float | None = None) -> float:
         """Full-calibration objective of ``mask`` (cached; recorded as a trial of this strategy)."""
-        key = str(mask)
-        if key not in self.ctx._values:
-            self.ctx._values[key] = self.ctx.scorer.score(mask)
-            self.forwards += len(self.ctx.scorer.input_ids)
-        self.evaluations += 1
-        if key not in self._recorded:
-            self._record(mask, self.ctx._values[key], target)
-        return self.ctx._values[key]
+        return self._full([mask], target)[0]
 
     def evaluate_many(self, masks: Iterable[KeepMask], target: float | None = None) -> list[float]:
-        """Full objective of each mask, in order (the fast engine may batch or reuse prefixes here)."""
-        return [self.evaluate(mask, target) for mask in masks]
+        """Full objective of each mask, in order; the context's evaluator batches them (prefix reuse, workers).
+
+        With staging on for this strategy, every mask is first scored on a few sequences and only the best
+        ``staging.keep`` get a full (recorded) evaluation; the others come back as ``inf``.
+        """
+        masks = list(masks)
+        staging = self.ctx.staging
+        if staging is None or len(masks) <= staging.keep or not self._staged():
+            return self._full(masks, target)
+        distinct = list(dict.fromkeys(masks))
+        fresh = [m for m in distinct if str(m) not in self.ctx._values]
+        best = {fresh[i] for i in staged_survivors(self.partial_many(fresh, staging.sequences), staging.keep)}
+        chosen = [m for m in distinct if m in best or str(m) in self.ctx._values]  # known values are free
+        values = dict(zip(chosen, self._full(chosen, target)))
+        return [values.get(m, math.inf) for m in masks]
 
     def partial(self, mask: KeepMask, sequences: int) -> float:
         """Objective on the first ``sequences`` calibration sequences only (not recorded; for staged selection)."""
         if sequences >= len(self.ctx.scorer.input_ids):
             return self.evaluate(mask)
-        self.forwards += sequences
-        return self.ctx.scorer.score(mask, sequences=sequences)
+        return self.partial_many([mask], sequences)[0]
+
+    def partial_many(self, masks: Iterable[KeepMask], sequences: int) -> list[float]:
+        """:meth:`partial` of each mask, batched through the context's evaluator."""
+        masks = list(masks)
+        sequences = min(sequences, len(self.ctx.scorer.input_ids))
+        self.forwards += sequences * len(masks)
+        if self.ctx.evaluator is None:
+            return [self.ctx.scorer.score(mask, sequences=sequences) for mask in masks]
+        return self.ctx.evaluator.score_many(masks, sequences)
+
+    def _staged(self) -> bool:
+        return not self.ctx.staged_strategies or self.strategy in self.ctx.staged_strategies
+
+    def _full(self, masks: list[KeepMask], target: float | None) -> list[float]:
+        """Full objectives: computed once per distinct mask, recorded once per strategy."""
+        missing = [m for m in dict.fromkeys(masks) if str(m) not in self.ctx._values]
+        if missing:
+            if self.ctx.evaluator is None:
+                values = [self.ctx.scorer.score(mask) for mask in missing]
+            else:
+                values = self.ctx.evaluator.score_many(missing)
+            for mask, value in zip(missing, values):
+                self.ctx._values[str(mask)] = value
+            self.forwards += len(self.ctx.scorer.input_ids) * len(missing)
+        result = []
+        for mask in masks:
+            self.evaluations += 1
+            if str(mask) not in self._recorded:
+                self._record(mask, self.ctx._values[str(mask)], target)
+            result.append(self.ctx._values[str(mask)])
+        return result
 
     def _record(self, mask: KeepMask, value: float, target: float | None) -> None:
         costs = self.ctx.cost_attrs(mask)

@@ -95,7 +95,7 @@ def trials_frame(study, meta: dict, heldout: dict[str, float]) -> pd.DataFrame:
     import optuna
 
     rows = []
-    for trial in study.get_trials(deep_copy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
         attrs = trial.user_attrs
         if "mask" not in attrs:
             continue

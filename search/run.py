@@ -292,6 +292,8 @@ def execute(config: StudyConfig, *, progress: bool = True) -> int:
     from surgery.load import load_model
 
     name, _ = model_source(config)
+    if config.model.threads:
+        torch.set_num_threads(config.model.threads)
     model, tokenizer = load_model(name, dtype=config.model.dtype, device=config.model.device,
                                   trust_remote_code=config.model.trust_remote_code)
     prepared = prepare(config, model, tokenizer)
@@ -318,7 +320,7 @@ def execute(config: StudyConfig, *, progress: bool = True) -> int:
         records.append(run_strategy(ctx, entry, progress=progress))
     heldout_scores(study, config, model, prepared.heldout, records, progress=progress)
     paths = write_report(out, quiet=True)
-    trials = len(study.get_trials(deep_copy=False, states=(optuna.trial.TrialState.COMPLETE,)))
+    trials = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)))
     print(f"done: {trials} trials from {len(records)} strategies; report {paths['summary']}, "
           f"front {paths['front']}, plots {paths['pareto_png']}; storage {url}")
     return 0

@@ -16,6 +16,7 @@ SUBCOMMANDS = {
     "report": ("search.report", "write the Pareto report of a study directory"),
     "export": ("search.export_best", "export the best mask within a budget as a smaller model"),
     "bench": ("search.bench", "measure an exported model's prefill/decode speed and memory against the dense model"),
+    "confirm": ("search.confirm", "heal the front's best masks with LoRA/QLoRA and benchmark them with lm-eval"),
 }
 
 USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, KeyError)

@@ -69,6 +69,9 @@ def _to_pruned_class(model: nn.Module, spec: dict) -> None:
     values = {k: v for k, v in old.to_dict().items() if k not in ("model_type", "kv_sharing_modes")}
     values["depth_pruning"] = spec
     new = config_class.from_dict(values)
+    for key, value in old.__dict__.items():  # runtime settings outside to_dict (attention implementation, ...)
+        if key.startswith("_") and key.endswith("_internal"):
+            new.__dict__[key] = value
     for module in model.modules():  # sub-models hold the same config object (read e.g. for the KV cache)
         if getattr(module, "config", None) is old:
             module.config = new

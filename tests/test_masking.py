@@ -22,14 +22,20 @@ def _probe(model, case, mask: str):
     """(layer input h, attention module output, layer output) of layer LAYER under ``mask``."""
     family = family_for(model.config)
     layer = get_path(model, family.layers)[LAYER]
-    seen = {}
+    seen: dict[str, torch.Tensor] = {}
+
+    def store(key, pick):
+        def hook(*args):
+            seen.setdefault(key, pick(*args))
+
+        return hook
+
     hooks = [
         layer.register_forward_pre_hook(
-            lambda m, args, kwargs: seen.setdefault("h", args[0] if args else kwargs["hidden_states"]),
-            with_kwargs=True),
-        layer.register_forward_hook(lambda m, args, out: seen.setdefault("out", _first(out))),
+            store("h", lambda m, args, kwargs: args[0] if args else kwargs["hidden_states"]), with_kwargs=True),
+        layer.register_forward_hook(store("out", lambda m, args, out: _first(out))),
+        getattr(layer, family.attn).register_forward_hook(store("attn", lambda m, args, out: _first(out))),
     ]
-    hooks.append(getattr(layer, family.attn).register_forward_hook(lambda m, a, out: seen.setdefault("attn", _first(out))))
     try:
         with torch.no_grad(), masked(model, mask):
             model(input_ids())
@@ -120,7 +126,7 @@ def test_unsupported_family_lists_supported_ones():
     model = tf.BertLMHeadModel(config)
     with pytest.raises(UnsupportedModelError) as error:
         masker_for(model)
-    assert "'bert'" in str(error.value) and "gpt_neox, gpt2, llama" in str(error.value)
+    assert "'bert'" in str(error.value) and "gemma2, gpt2, gpt_neox, llama" in str(error.value)
     with pytest.raises(UnsupportedModelError, match="'t5'"):
         family_for(tf.T5Config())
 

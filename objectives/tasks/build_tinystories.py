@@ -6,7 +6,9 @@ Source: the last 20% of ``studies/assets/text/tinystories_valid.txt`` (split at 
 of its characters), which neither bundled model saw in training. Writes to ``studies/assets/benchmarks/``:
 
 - ``tinystories_ppl.jsonl``   {text}: one paragraph per row, scored by rolling log-likelihood (word perplexity);
-- ``tinystories_cloze.jsonl`` {context, continuation}: a paragraph up to the last word of its final sentence;
+- ``tinystories_cloze.jsonl`` {context, continuation}: the previous paragraph and the current one up to the last
+  word of one of its sentences, kept when that word (not a stop word) already occurs in the context, as in
+  LAMBADA, so that the broader context predicts it;
 - ``tinystories_next.jsonl``  {query, choices, gold}: the start of a paragraph and its true next sentence among
   three sentences drawn from paragraphs at least ``FAR`` paragraphs away (other stories).
 Rows are shuffled with a fixed seed so that a sample ``limit`` takes a spread of stories.
@@ -26,6 +28,10 @@ HELDOUT_START = 0.8
 SEED = 20240601
 FAR = 30  # distractor sentences come from paragraphs at least this far away
 NUM_DISTRACTORS = 3
+STOP_WORDS = set(
+    "the and her his him she they them you was for not that this with all too had are one day yes very then what "
+    "there their time".split()
+)
 
 _SENTENCE_END = re.compile(r'(?<=[.!?])["”]?\s+(?=["“A-Z])')
 _LAST_WORD = re.compile(r"^(?P<context>.*\S)\s+(?P<word>[A-Za-z]{3,})(?P<tail>[.!?,\"'”]*)$", re.S)
@@ -53,12 +59,18 @@ def ppl_rows(paragraphs: list[str]) -> list[dict]:
 
 
 def cloze_rows(paragraphs: list[str]) -> list[dict]:
-    """Context = the paragraph up to the last word; continuation = that word (no punctuation)."""
+    """Context up to a sentence's last word; continuation = that word (no punctuation), seen in the context."""
     rows = []
-    for paragraph in paragraphs:
-        match = _LAST_WORD.match(paragraph)
-        if match and len(match.group("context").split()) >= 12:
-            rows.append({"context": match.group("context"), "continuation": match.group("word")})
+    for index, paragraph in enumerate(paragraphs):
+        before = paragraphs[index - 1] + " " if index else ""
+        parts = sentences(paragraph)
+        for end in range(1, len(parts) + 1):
+            match = _LAST_WORD.match(" ".join(parts[:end]))
+            if not match or match.group("word").lower() in STOP_WORDS:
+                continue
+            context, word = before + match.group("context"), match.group("word")
+            if len(context.split()) >= 15 and re.search(rf"\b{re.escape(word)}\b", context, re.I):
+                rows.append({"context": context, "continuation": word})
     return rows
 
 

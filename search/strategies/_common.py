@@ -87,7 +87,7 @@ def prefix_path(num_layers: int, order: Iterable[int]) -> list[KeepMask]:
 def known_feasible(run: StrategyRun, target: float, limit: int) -> list[KeepMask]:
     """Best ``limit`` distinct masks already evaluated in the main study (any strategy) that meet ``target``."""
     best: dict[str, float] = {}
-    for trial in run.ctx.study.get_trials(deep_copy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+    for trial in run.ctx.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
         text = trial.user_attrs.get("mask")
         if text is not None and text not in best:
             best[text] = trial.values[0]

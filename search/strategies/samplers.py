@@ -75,14 +75,14 @@ class OptunaSampling(Strategy):
 
     def enqueue_known(self, run, study: optuna.Study, target: float) -> None:
         sublayers = 2 * run.num_layers
-        present = {trial_mask(t, sublayers) for t in study.get_trials(deep_copy=False) if len(t.params) == sublayers}
+        present = {trial_mask(t, sublayers) for t in study.get_trials(deepcopy=False) if len(t.params) == sublayers}
         for mask in known_feasible(run, target, self.warm_start):
             if mask not in present:
                 study.enqueue_trial({f"keep_{i}": int(bit) for i, bit in enumerate(mask.bits)})
                 present.add(mask)
 
     def optimize(self, study: optuna.Study, objective) -> None:
-        done = len(study.get_trials(deep_copy=False, states=FINISHED))
+        done = len(study.get_trials(deepcopy=False, states=FINISHED))
         if done < self.n_trials:
             with quiet_optuna():
                 study.optimize(objective, n_trials=self.n_trials - done)
@@ -92,7 +92,7 @@ class OptunaSampling(Strategy):
         """Lowest-objective mask among the working study's completed trials that meets ``target``."""
         sublayers = 2 * run.num_layers
         best: tuple[float, int, KeepMask] | None = None
-        for trial in study.get_trials(deep_copy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+        for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
             mask = trial_mask(trial, sublayers)
             if run.ctx.feasible(mask, target) and (best is None or (trial.values[0], trial.number) < best[:2]):
                 best = (trial.values[0], trial.number, mask)

@@ -1,0 +1,150 @@
+"""Benchmarks with lm-eval, in memory: the model object is wrapped by ``HFLM``, nothing is written to disk.
+
+Local tasks (YAML in ``objectives/tasks`` over the JSON-lines files in ``studies/assets/benchmarks``) run
+offline. Any other name goes to lm-eval's own task index (``include_defaults=True``), for users with the hub;
+``hub:NAME`` forces lm-eval's definition of a name that also exists locally. Each task reports a headline
+metric: the first metric its definition lists.
+"""
+
+from __future__ import annotations
+
+import difflib
+import functools
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+TASKS_DIR = Path(__file__).resolve().parent / "tasks"
+HUB_PREFIX = "hub:"
+
+
+class UnknownTaskError(ValueError):
+    """A task name that neither the local task folder nor lm-eval's index knows."""
+
+
+@dataclass(frozen=True)
+class TaskResult:
+    """One task's metrics; ``value`` is the headline metric."""
+
+    task: str
+    metrics: dict[str, float]
+    headline: str
+    higher_is_better: bool
+    samples: int
+    stderr: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def value(self) -> float:
+        return self.metrics[self.headline]
+
+    def retained(self, dense: float) -> float:
+        """Percent of the dense score kept (perplexities: dense / this, so 100 means no loss either way)."""
+        value = self.value
+        if self.higher_is_better:
+            return 100.0 * value / dense if dense else float("nan")
+        return 100.0 * dense / value if value else float("nan")
+
+
+@functools.cache
+def _manager(hub: bool):
+    from lm_eval.tasks import TaskManager
+
+    if hub:
+        return TaskManager(include_defaults=True)
+    return TaskManager(include_path=str(TASKS_DIR), include_defaults=False)
+
+
+def local_tasks() -> list[str]:
+    """Names of the tasks defined in ``objectives/tasks``."""
+    return list(_manager(False).all_tasks)
+
+
+def _unknown(name: str, known: Sequence[str]) -> UnknownTaskError:
+    close = difflib.get_close_matches(name, known, n=5, cutoff=0.5)
+    hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+    return UnknownTaskError(f"unknown benchmark task {name!r}{hint} (local tasks: {', '.join(local_tasks())})")
+
+
+def resolve_task(name: str) -> tuple[str, Any]:
+    """(lm-eval task name, the TaskManager that knows it); UnknownTaskError lists close matches."""
+    if not name.startswith(HUB_PREFIX) and name in _manager(False).all_tasks:
+        return name, _manager(False)
+    bare = name.removeprefix(HUB_PREFIX)
+    hub = _manager(True)
+    if bare in hub.all_tasks:
+        return bare, hub
+    raise _unknown(name, [*local_tasks(), *hub.all_tasks])
+
+
+def check_tasks(names: Sequence[str]) -> None:
+    """Fail early on an unknown name (the local index is cheap; lm-eval's own is built only when needed)."""
+    for name in names:
+        resolve_task(name)
+
+
+def task_limit(task: str, limit: int | None, limits: Mapping[str, int | None] | None) -> int | None:
+    """Samples for one task: its entry in ``limits`` if any, else ``limit`` (None: every sample)."""
+    if limits and task in limits:
+        return limits[task]
+    return limit
+
+
+def _headline(task: str, results: dict) -> tuple[str, bool]:
+    config = results.get("configs", {}).get(task, {})
+    metrics = [m["metric"] for m in config.get("metric_list", []) if isinstance(m.get("metric"), str)]
+    values = results["results"][task]
+    names = [m for m in metrics if f"{m},none" in values] or [
+        k.split(",")[0] for k in values if "," in k and "_stderr" not in k
+    ]
+    headline = names[0]
+    higher = results.get("higher_is_better", {}).get(task, {}).get(headline, True)
+    return headline, bool(higher)
+
+
+def _task_result(name: str, task: str, results: dict) -> TaskResult:
+    values = results["results"][task]
+    metrics = {k.split(",")[0]: float(v) for k, v in values.items() if "," in k and "_stderr" not in k}
+    stderr = {
+        k.split(",")[0].removesuffix("_stderr"): float(v)
+        for k, v in values.items()
+        if "_stderr," in k and isinstance(v, (int, float))
+    }
+    headline, higher = _headline(task, results)
+    samples = int(results.get("n-samples", {}).get(task, {}).get("effective", 0))
+    return TaskResult(name, metrics, headline, higher, samples, stderr)
+
+
+def evaluate(
+    model,
+    tokenizer,
+    tasks: Sequence[str],
+    *,
+    limit: int | None = None,
+    limits: Mapping[str, int | None] | None = None,
+    batch_size: int = 8,
+    bootstrap_iters: int = 0,
+    progress: bool = True,
+) -> dict[str, TaskResult]:
+    """Run each task on the in-memory ``model``; ``{task: TaskResult}`` in the order asked."""
+    from lm_eval import simple_evaluate
+    from lm_eval.models.huggingface import HFLM
+    from tqdm.auto import tqdm
+
+    resolved = {name: resolve_task(name) for name in tasks}
+    logging.getLogger("lm_eval").setLevel(logging.ERROR)
+    lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    out: dict[str, TaskResult] = {}
+    for name in tqdm(tasks, desc="benchmarks", disable=not progress, leave=False):
+        task, manager = resolved[name]
+        results = simple_evaluate(
+            model=lm,
+            tasks=[task],
+            task_manager=manager,
+            limit=task_limit(name, limit, limits),
+            log_samples=False,
+            bootstrap_iters=bootstrap_iters,
+            verbosity="ERROR",
+        )
+        out[name] = _task_result(name, task, results)
+    return out

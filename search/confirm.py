@@ -1,0 +1,420 @@
+"""``confirm``: heal the front's best masks with LoRA / QLoRA and benchmark them with lm-eval.
+
+    python -m search.study confirm runs/tinystories_l12 --budgets 0.3 --tasks tinystories_ppl tinystories_next
+
+For each candidate mask: benchmark the pruned model, export it, heal it, benchmark the healed model and export
+it merged (no peft needed to load it). The dense model is benchmarked once. Settings come from the study
+config's ``confirm:`` mapping (or ``--config``). Results go to ``STUDY_DIR/confirm/``: ``confirm.csv``,
+``confirm.md``, ``confirm.png`` and one folder per candidate holding ``result.json`` and the two exports; a
+candidate whose ``result.json`` matches the current settings is not redone, and a failing candidate is reported
+while the others go on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import json
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import pandas as pd
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from search.config import ConfigError, StudyConfig, format_problems, load_config, model_source, resolve, text_source
+from search.heal import HealSettings
+from search.report import atomic_write, atomic_write_text
+
+DEFAULT_TASKS = ["tinystories_ppl", "tinystories_cloze", "tinystories_next"]
+OUT_DIR = "confirm"
+
+
+# settings --------------------------------------------------------------------------------------------------
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class CorpusSection(_Section):
+    """Healing text: local .txt/.jsonl files or an HF dataset; default: the study's calibration text."""
+
+    files: list[str] = Field(default_factory=list)
+    dataset: str | None = None
+    dataset_config: str | None = None
+    split: str = "train"
+    field: str = "text"
+    start: float = Field(0.0, ge=0.0, le=1.0)
+    end: float = Field(1.0, ge=0.0, le=1.0)
+
+
+class HealSection(_Section):
+    rank: int = Field(8, ge=1)
+    alpha: float = Field(16.0, gt=0)
+    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    steps: int = Field(100, ge=1)
+    lr: float = Field(2e-3, gt=0)
+    batch_size: int = Field(8, ge=1)
+    seq_len: int = Field(256, ge=2)
+    warmup: int = Field(10, ge=0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    grad_clip: float = Field(1.0, gt=0)
+    distill: float = Field(0.0, ge=0.0, le=1.0)  # weight of KL to the dense model's logits
+    temperature: float = Field(1.0, gt=0)
+    quantize: Literal["auto", "4bit", "none"] = "auto"  # auto: QLoRA (4-bit NF4) on CUDA, plain LoRA on CPU
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
+    seed: int = 0
+    corpus: CorpusSection | None = None
+
+    def settings(self) -> HealSettings:
+        return HealSettings(**self.model_dump(exclude={"corpus"}))
+
+
+class ConfirmSettings(_Section):
+    tasks: list[str] = Field(default_factory=lambda: list(DEFAULT_TASKS), min_length=1)
+    limit: int | None = Field(None, ge=1)  # samples per task (None: all)
+    limits: dict[str, int | None] = Field(default_factory=dict)  # per-task overrides of limit
+    top_k: int = Field(3, ge=1)  # the K front masks with the lowest held-out perplexity
+    budgets: list[float] = Field(default_factory=list)  # instead: the best front mask removing >= each fraction
+    batch_size: int = Field(8, ge=1)  # lm-eval batch size
+    heal: HealSection = Field(default_factory=HealSection)
+
+    def fingerprint(self) -> str:
+        """What a candidate's numbers depend on (candidates with another fingerprint are redone)."""
+        keep = self.model_dump(mode="json", exclude={"top_k", "budgets"})
+        return hashlib.sha1(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def confirm_settings(config: StudyConfig, source: Path | None = None) -> ConfirmSettings:
+    """Validate the config's ``confirm:`` mapping; every problem named with its key, at once."""
+    try:
+        return ConfirmSettings(**(config.confirm or {}))
+    except ValidationError as error:
+        problems = []
+        for item in error.errors():
+            key = ".".join(str(p) for p in ("confirm", *item["loc"]))
+            value = item.get("input")
+            problems.append(f"{key}: {item['msg']}" + ("" if isinstance(value, dict) else f" (got {value!r})"))
+        raise ConfigError(format_problems(source or config.source, problems)) from None
+
+
+def corpus_source(config: StudyConfig, section: CorpusSection | None):
+    """The healing TextSource: the corpus section (files relative to the config, else cwd) or calibration text."""
+    from objectives.calibration import DataError, TextSource
+
+    if section is None:
+        return text_source(config, config.calibration).source
+    files = []
+    for name in section.files:
+        tried = [Path(resolve(config, name)), Path(name)]
+        found = next((p for p in tried if p.is_file()), None)
+        if found is None:
+            raise DataError(f"confirm.heal.corpus.files: {name!r} not found (tried {', '.join(map(str, tried))})")
+        files.append(str(found.resolve()))
+    return TextSource(files=tuple(files), dataset=section.dataset, dataset_config=section.dataset_config,
+                      split=section.split, field=section.field, start=section.start, end=section.end)
+
+
+# reading the study -----------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Candidate:
+    mask: str
+    strategy: str
+    removed_fraction: float  # of the size metric (parameters)
+    size: float
+    heldout_ppl: float
+    why: str
+
+    @property
+    def name(self) -> str:
+        digest = hashlib.sha1(self.mask.encode()).hexdigest()[:8]
+        return f"removed{round(100 * self.removed_fraction):02d}-{digest}"
+
+
+def study_front(study_dir: Path):
+    """(config, front frame, size metric) of a study; a clear error when it has no completed trials."""
+    import optuna
+
+    from search.report import front_frame, load_study, read_study
+
+    study, _, config = load_study(study_dir)
+    if not study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+        raise ValueError(f"{study_dir}: the study has no completed trials; run `python -m search.study run` first")
+    data = read_study(study_dir)
+    front = front_frame(data)
+    front = front[front["mask"] != data.dense_mask] if not front.empty else front
+    if front.empty:
+        raise ValueError(f"{study_dir}: the study's front holds no pruned mask scored on held-out text")
+    return config, front, data.size_metric
+
+
+def pick_candidates(front: pd.DataFrame, size: str, *, top_k: int, budgets: list[float]) -> list[Candidate]:
+    """Per budget, the front mask with the lowest held-out perplexity removing at least that fraction;
+    without budgets, the ``top_k`` front masks with the lowest held-out perplexity."""
+
+    def row_to(row, why: str) -> Candidate:
+        return Candidate(row["mask"], str(row["strategy"]), float(row["removed_fraction"]), float(row[size]),
+                         float(row["heldout_ppl"]), why)
+
+    if not budgets:
+        best = front.sort_values("heldout_ppl", kind="stable").head(top_k)
+        return [row_to(row, f"front, held-out ppl rank {i + 1}") for i, (_, row) in enumerate(best.iterrows())]
+    picked: dict[str, Candidate] = {}
+    for budget in budgets:
+        meets = front[front["removed_fraction"] >= budget - 1e-9]
+        if meets.empty:
+            most = front["removed_fraction"].max()
+            raise ValueError(f"no front mask removes >= {budget:.0%} of {size} (the front reaches {most:.1%})")
+        row = meets.sort_values("heldout_ppl", kind="stable").iloc[0]
+        picked.setdefault(row["mask"], row_to(row, f"budget {budget:g}"))
+    return list(picked.values())
+
+
+# benchmarking and healing ----------------------------------------------------------------------------------
+def _bench(model, tokenizer, settings: ConfirmSettings, progress: bool) -> dict[str, dict]:
+    from objectives.benchmarks import evaluate
+
+    results = evaluate(model, tokenizer, settings.tasks, limit=settings.limit, limits=settings.limits,
+                       batch_size=settings.batch_size, progress=progress)
+    return {name: {"metric": r.headline, "value": r.value, "higher_is_better": r.higher_is_better,
+                   "samples": r.samples, "metrics": r.metrics} for name, r in results.items()}
+
+
+def healed_into_dense(dense, healed, mask) -> Any:
+    """A copy of the dense model carrying the healed weights at the kept sublayers (so export_pruned can
+    re-prune it with the original mask and layer numbering)."""
+    from surgery.families import family_for
+
+    prefix = family_for(dense.config).layers + "."
+    kept = [i for i, (a, m) in enumerate(mask.layer_items()) if a or m]
+    state = {}
+    for key, value in healed.state_dict().items():
+        if key.startswith(prefix):
+            index, rest = key[len(prefix):].split(".", 1)
+            key = f"{prefix}{kept[int(index)]}.{rest}"
+        state[key] = value
+    target = copy.deepcopy(dense)
+    unexpected = target.load_state_dict(state, strict=False).unexpected_keys
+    if unexpected:
+        raise RuntimeError(f"healed weights that the dense model does not have: {unexpected[:5]}")
+    return target
+
+
+def _summary(values: dict[str, dict]) -> dict[str, float]:
+    return {f"{task} {v['metric']}": v["value"] for task, v in values.items()}
+
+
+def run_candidate(cand: Candidate, ctx: dict, out: Path, progress: bool) -> dict:
+    """Benchmark pruned, export it, heal, benchmark healed, export the merged healed model; the result record."""
+    from search.heal import heal
+    from surgery.export import export_pruned, num_params, prune_model
+    from surgery.mask import KeepMask
+
+    dense, tokenizer, settings = ctx["dense"], ctx["tokenizer"], ctx["settings"]
+    mask = KeepMask.parse(cand.mask)
+    pruned = prune_model(copy.deepcopy(dense), mask)
+    pruned_scores = _bench(pruned, tokenizer, settings, progress)
+    pruned_dir = export_pruned(dense, tokenizer, mask, out / "pruned", source=ctx["source"],
+                               metrics=_summary(pruned_scores), force=True)
+    teacher = dense if settings.heal.distill > 0 else None
+    result = heal(pruned, ctx["data"], settings.heal.settings(), teacher=teacher, pretrained_dir=pruned_dir,
+                  progress=progress)
+    healed_scores = _bench(result.model, tokenizer, settings, progress)
+    export_pruned(healed_into_dense(dense, result.model, mask), tokenizer, mask, out / "healed",
+                  source=ctx["source"], metrics=_summary(healed_scores), force=True)
+    return {"candidate": cand.__dict__, "name": cand.name, "fingerprint": settings.fingerprint(), "status": "ok",
+            "params": num_params(pruned), "dense_params": num_params(dense), "pruned": pruned_scores,
+            "healed": healed_scores, "heal_seconds": result.seconds, "heal_mode": result.mode,
+            "heal_trainable": result.trainable, "heal_loss_first": result.losses[0],
+            "heal_loss_last": result.losses[-1], "pruned_dir": str(pruned_dir), "healed_dir": str(out / "healed")}
+
+
+def _load_done(path: Path, fingerprint: str) -> dict | None:
+    if not path.is_file():
+        return None
+    record = json.loads(path.read_text())
+    return record if record.get("fingerprint") == fingerprint and record.get("status") == "ok" else None
+
+
+def dense_scores(ctx: dict, out: Path, progress: bool) -> dict:
+    """The dense model's benchmark results (cached in ``dense.json`` per settings fingerprint)."""
+    path = out / "dense.json"
+    settings = ctx["settings"]
+    done = _load_done(path, settings.fingerprint())
+    if done:
+        return done["scores"]
+    scores = _bench(ctx["dense"], ctx["tokenizer"], settings, progress)
+    record = {"fingerprint": settings.fingerprint(), "status": "ok", "scores": scores}
+    atomic_write_text(path, json.dumps(record, indent=1))
+    return scores
+
+
+# outputs ---------------------------------------------------------------------------------------------------
+def _retained(value, dense, higher: bool) -> float:
+    if value is None or not dense or not value:
+        return float("nan")
+    return 100.0 * (value / dense if higher else dense / value)
+
+
+def results_frame(dense: dict, records: list[dict]) -> pd.DataFrame:
+    """One row per candidate and task: dense, pruned and healed values and percent of dense retained."""
+    rows = []
+    for rec in records:
+        cand = rec["candidate"]
+        base = {"candidate": rec["name"], "mask": cand["mask"], "strategy": cand["strategy"],
+                "removed_fraction": cand["removed_fraction"], "params": rec.get("params"), "status": rec["status"],
+                "heal_seconds": rec.get("heal_seconds"), "heal_mode": rec.get("heal_mode")}
+        for task, d in dense.items():
+            pruned = rec.get("pruned", {}).get(task, {}).get("value")
+            healed = rec.get("healed", {}).get(task, {}).get("value")
+            higher = d["higher_is_better"]
+            rows.append({**base, "task": task, "metric": d["metric"], "dense": d["value"], "pruned": pruned,
+                         "healed": healed, "pruned_retained_pct": _retained(pruned, d["value"], higher),
+                         "healed_retained_pct": _retained(healed, d["value"], higher)})
+    return pd.DataFrame(rows)
+
+
+def _cell(value) -> str:
+    if value is None or (isinstance(value, float) and pd.isna(value)):
+        return "-"
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def markdown(study_dir: Path, frame: pd.DataFrame, records: list[dict], settings: ConfirmSettings) -> str:
+    heal = settings.heal
+    lines = [f"# Confirm: {study_dir}", "",
+             f"Tasks: {', '.join(settings.tasks)} (limit {settings.limit or 'all'} per task"
+             + (f", overrides {settings.limits}" if settings.limits else "") + "). "
+             f"Healing: LoRA rank {heal.rank}, alpha {heal.alpha:g}, {heal.steps} steps, lr {heal.lr:g}, "
+             f"batch {heal.batch_size} x {heal.seq_len} tokens, distill {heal.distill:g}, quantize {heal.quantize}.",
+             "", "Retained = percent of the dense score (perplexities: dense / value).", ""]
+    for rec in records:
+        cand = rec["candidate"]
+        lines += [f"## {rec['name']}: `{cand['mask']}`", "",
+                  f"strategy {cand['strategy']} ({cand['why']}); {cand['removed_fraction']:.1%} of parameters removed"
+                  + (f", {rec['params']:,} of {rec['dense_params']:,} kept" if rec.get("params") else "")
+                  + (f"; healing {rec['heal_seconds']:.1f} s ({rec['heal_mode']}, loss {rec['heal_loss_first']:.3f}"
+                     f" -> {rec['heal_loss_last']:.3f})" if rec["status"] == "ok" else f"; FAILED: {rec['error']}"), ""]
+        mine = frame[frame["candidate"] == rec["name"]]
+        if rec["status"] == "ok" and not mine.empty:
+            lines += ["| task | metric | dense | pruned | healed | pruned retained % | healed retained % |",
+                      "|---|---|---|---|---|---|---|"]
+            lines += [f"| {r.task} | {r.metric} | {_cell(r.dense)} | {_cell(r.pruned)} | {_cell(r.healed)} | "
+                      f"{_cell(r.pruned_retained_pct)} | {_cell(r.healed_retained_pct)} |" for r in mine.itertuples()]
+            lines.append("")
+    return "\n".join(lines)
+
+
+def plot(frame: pd.DataFrame, path: Path) -> Path:
+    """Mean percent of dense retained over the tasks versus parameters removed, before and after healing."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = frame[frame["status"] == "ok"]
+    mean = ok.groupby(["candidate", "removed_fraction"], as_index=False)[["pruned_retained_pct", "healed_retained_pct"]].mean()
+    fig, axis = plt.subplots(figsize=(6.5, 4.5))
+    x = 100 * mean["removed_fraction"]
+    axis.scatter(x, mean["pruned_retained_pct"], color="C3", label="pruned")
+    axis.scatter(x, mean["healed_retained_pct"], color="C2", label="healed")
+    for xi, a, b in zip(x, mean["pruned_retained_pct"], mean["healed_retained_pct"]):
+        axis.annotate("", (xi, b), (xi, a), arrowprops={"arrowstyle": "->", "color": "0.5"})
+    axis.axhline(100, color="k", lw=0.8, ls="--", label="dense")
+    axis.set(xlabel="parameters removed (%)", ylabel="mean % of dense score retained",
+             title="benchmarks before and after healing")
+    axis.grid(alpha=0.3)
+    axis.legend()
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120))
+    plt.close(fig)
+    return path
+
+
+def write_outputs(study_dir: Path, out: Path, dense: dict, records: list[dict], settings) -> dict[str, Path]:
+    frame = results_frame(dense, records)
+    return {"csv": atomic_write(out / "confirm.csv", lambda tmp: frame.to_csv(tmp, index=False)),
+            "md": atomic_write_text(out / "confirm.md", markdown(study_dir, frame, records, settings)),
+            "png": plot(frame, out / "confirm.png")}
+
+
+# command ---------------------------------------------------------------------------------------------------
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("study_dir", help="a study's output directory (holds config.yaml and the storage)")
+    parser.add_argument("--top", type=int, help="confirm the K front masks with the lowest held-out perplexity")
+    parser.add_argument("--budgets", type=float, nargs="+", help="instead: the best front mask removing >= each fraction")
+    parser.add_argument("--config", help="take the confirm: settings from this YAML instead of the study's copy")
+    parser.add_argument("--tasks", nargs="+", help="override confirm.tasks")
+    parser.add_argument("--limit", type=int, help="override confirm.limit (samples per task)")
+    parser.add_argument("--steps", type=int, help="override confirm.heal.steps")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def load_settings(args: argparse.Namespace, config: StudyConfig) -> ConfirmSettings:
+    """The confirm settings of the study (or --config), with the command-line overrides applied."""
+    if args.config:
+        other = load_config(args.config)
+        config.confirm, config.source = other.confirm, other.source
+    settings = confirm_settings(config)
+    overrides = {"tasks": args.tasks, "limit": args.limit, "top_k": args.top, "budgets": args.budgets}
+    data = settings.model_dump() | {k: v for k, v in overrides.items() if v is not None}
+    if args.steps is not None:
+        data["heal"]["steps"] = args.steps
+    config.confirm = data
+    return confirm_settings(config)
+
+
+def main(args: argparse.Namespace) -> int:
+    from objectives.benchmarks import check_tasks
+
+    study_dir = Path(args.study_dir)
+    config, front, size = study_front(study_dir)
+    settings = load_settings(args, config)
+    check_tasks(settings.tasks)
+    candidates = pick_candidates(front, size, top_k=settings.top_k, budgets=settings.budgets)
+    source = corpus_source(config, settings.heal.corpus)
+    return confirm(study_dir, config, settings, candidates, source, progress=not args.no_progress)
+
+
+def confirm(study_dir: Path, config: StudyConfig, settings: ConfirmSettings, candidates: list[Candidate], source,
+            *, progress: bool = True) -> int:
+    """Run every candidate (skipping finished ones); write the outputs; exit code 1 if any candidate failed."""
+    from tqdm.auto import tqdm
+
+    from search.heal import corpus_windows
+    from surgery.load import load_model
+
+    name, _ = model_source(config)
+    dense, tokenizer = load_model(name, dtype=config.model.dtype, device=config.model.device,
+                                  trust_remote_code=config.model.trust_remote_code)
+    data = corpus_windows(source, tokenizer, settings.heal.seq_len)
+    out = study_dir / OUT_DIR
+    out.mkdir(parents=True, exist_ok=True)
+    ctx = {"dense": dense, "tokenizer": tokenizer, "settings": settings, "data": data, "source": name}
+    dense_result = dense_scores(ctx, out, progress)
+    records = []
+    for cand in tqdm(candidates, desc="candidates", unit="mask", disable=not progress):
+        records.append(_candidate(cand, ctx, out / cand.name, progress))
+    paths = write_outputs(study_dir, out, dense_result, records, settings)
+    failed = [r["name"] for r in records if r["status"] != "ok"]
+    print(f"confirmed {len(records) - len(failed)} of {len(records)} candidates; {paths['md']}, {paths['csv']}, "
+          f"{paths['png']}" + (f"; FAILED: {', '.join(failed)}" if failed else ""))
+    return 1 if failed else 0
+
+
+def _candidate(cand: Candidate, ctx: dict, out: Path, progress: bool) -> dict:
+    """One candidate's record: reused when finished with the same settings, else run (failures recorded)."""
+    fingerprint = ctx["settings"].fingerprint()
+    done = _load_done(out / "result.json", fingerprint)
+    if done:
+        return done
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        record = run_candidate(cand, ctx, out, progress)
+    except Exception as error:  # noqa: BLE001 - one candidate's failure must not stop the others
+        record = {"candidate": cand.__dict__, "name": cand.name, "fingerprint": fingerprint, "status": "failed",
+                  "error": f"{type(error).__name__}: {error}", "traceback": traceback.format_exc()}
+        print(f"candidate {cand.name} ({cand.mask}) failed: {record['error']}")
+    atomic_write_text(out / "result.json", json.dumps(record, indent=1))
+    return record

@@ -1,0 +1,115 @@
+"""The fast engine gives the plain loop's numbers (every family), counts its savings, and plugs into StrategyRun."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import optuna
+import pytest
+import torch
+
+from objectives.budgets import sublayer_costs
+from objectives.scorer import MaskScorer
+from search.config import EngineSection
+from search.context import SearchContext
+from search.engine import PlainBackend, PrefixEngine, Staging, make_scoring_backend, staged_survivors
+from surgery.mask import KeepMask
+from tests.families import input_ids
+
+
+def _masks(num_layers: int, seed: int = 0, count: int = 10) -> list[KeepMask]:
+    """Random masks plus a greedy step's candidates (one more sublayer removed from a parent)."""
+    rng = random.Random(seed)
+    masks = [KeepMask(tuple(rng.random() < 0.7 for _ in range(2 * num_layers))) for _ in range(count)]
+    parent = KeepMask.dense(num_layers).without(1)
+    return masks + [parent.without(i) for i in parent.kept] + [parent, masks[0]]  # duplicates on purpose
+
+
+def _relative(a: list[float], b: list[float]) -> float:
+    return max(abs(x - y) / max(abs(x), 1e-12) for x, y in zip(a, b))
+
+
+@pytest.mark.parametrize("objective", ["kl", "js", "ppl"])
+def test_engine_equals_plain_scorer_on_every_family(case, tiny, objective):
+    torch.set_num_threads(1)
+    model = tiny(case)
+    scorer = MaskScorer(model, input_ids(batch=3, seq=10), objective, batch_size=2)
+    masks = _masks(scorer.num_layers, seed=len(case.name))
+    plain = [scorer.score(m) for m in masks]
+    engine, before = PrefixEngine(scorer), scorer.masker.current
+    assert _relative(engine.score_many(masks), plain) < 1e-6
+    first_two = [scorer.score(m, sequences=2) for m in masks]
+    assert _relative(engine.score_many(masks, sequences=2), first_two) < 1e-6
+    assert scorer.masker.current == before  # the model is left as found
+
+
+def test_engine_is_bit_exact_and_halves_greedy_sublayer_work(stories, stories_ids):
+    model, _ = stories
+    scorer = MaskScorer(model, stories_ids, "js", batch_size=2)
+    parent = KeepMask.parse("AM,A-,AM,AM,AM")
+    candidates = [parent.without(i) for i in parent.kept]
+    plain, engine = PlainBackend(scorer), PrefixEngine(scorer)
+    assert engine.score_many(candidates) == plain.score_many(candidates)  # bit for bit
+    # n = 9 kept sublayers: plain computes 8 per candidate, the engine each candidate from the previous
+    # candidate's removed sublayer on (sorted order): n(n-1)/2 + (n-1) sublayers, a ratio of 1/2 + 1/n
+    assert plain.counters.sublayer_forwards == 9 * 8 * 4
+    assert engine.counters.sublayer_forwards == (9 * 8 // 2 + 8) * 4
+    assert engine.counters.captures == 2  # one dense forward per micro-batch, done once
+
+
+def test_staged_chunks_are_reused_by_the_full_evaluation(stories, stories_ids):
+    scorer = MaskScorer(stories[0], stories_ids, "kl", batch_size=2)
+    engine = PrefixEngine(scorer)
+    masks = [KeepMask.dense(5).without(i) for i in range(10)]
+    engine.score_many(masks, sequences=2)
+    before = engine.counters.sublayer_forwards
+    full = engine.score_many(masks[:3])
+    assert full == [scorer.score(m) for m in masks[:3]]
+    # the first micro-batch (sequences 0-1) comes from the staged pass: only sequences 2-3 are computed now
+    assert 0 < engine.counters.sublayer_forwards - before <= sum(len(m.kept) for m in masks[:3]) * 2
+
+
+def _context(scorer: MaskScorer, **options) -> SearchContext:
+    study = optuna.create_study(directions=["minimize", "minimize"])
+    return SearchContext(scorer=scorer, costs=sublayer_costs(scorer.model), targets=(0.2,), study=study, **options)
+
+
+def _trials(ctx: SearchContext) -> list[tuple[str, float, str]]:
+    return [(t.user_attrs["mask"], t.values[0], t.user_attrs["strategy"]) for t in ctx.study.trials]
+
+
+def test_strategy_run_with_engine_records_the_plain_trials(stories, stories_ids):
+    scorer = MaskScorer(stories[0], stories_ids, "kl", batch_size=2)
+    masks = _masks(5, seed=3)
+    plain_ctx = _context(scorer)
+    plain_values = plain_ctx.strategy_run("s").evaluate_many(masks)
+    fast_ctx = _context(scorer, evaluator=make_scoring_backend(scorer, prefix_reuse=True))
+    run = fast_ctx.strategy_run("s")
+    assert run.evaluate_many(masks) == plain_values
+    assert _trials(fast_ctx) == _trials(plain_ctx)
+    assert run.partial_many(masks[:3], 2) == [scorer.score(m, sequences=2) for m in masks[:3]]
+    assert run.forwards == 4 * len(set(masks)) + 2 * 3
+
+
+def test_staged_selection_keeps_the_best_and_marks_the_rest_inf(stories, stories_ids):
+    scorer = MaskScorer(stories[0], stories_ids, "kl", batch_size=2)
+    candidates = [KeepMask.dense(5).without(i) for i in range(10)]
+    ctx = _context(scorer, evaluator=PrefixEngine(scorer), staging=Staging(sequences=2, keep=3))
+    values = ctx.strategy_run("greedy").evaluate_many(candidates)
+    partial = [scorer.score(m, sequences=2) for m in candidates]
+    survivors = staged_survivors(partial, 3)
+    assert [i for i, v in enumerate(values) if math.isfinite(v)] == survivors
+    assert [values[i] for i in survivors] == [scorer.score(candidates[i]) for i in survivors]
+    assert len(ctx.study.trials) == 3  # only full evaluations are trials
+    other = _context(scorer, evaluator=PrefixEngine(scorer), staging=Staging(2, 3), staged_strategies=("greedy",))
+    assert all(math.isfinite(v) for v in other.strategy_run("exhaustive").evaluate_many(candidates))
+
+
+def test_engine_section_defaults_are_exact():
+    section = EngineSection()
+    assert (section.prefix_reuse, section.staged, section.stage_sequences, section.stage_keep) == (True, False, 2, 4)
+    with pytest.raises(ValueError):
+        EngineSection(stage_keep=0)
+    with pytest.raises(ValueError):
+        Staging(sequences=0)

@@ -1,0 +1,163 @@
+"""Sublayer gates (surgery/gates.py) and the learned-mask strategy, on the bundled stories260k model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import optuna
+import pytest
+import torch
+
+from objectives.budgets import BUDGETS
+from objectives.calibration import BatchSpec, TextSource, token_batch
+from objectives.scorer import MaskScorer
+from search.context import SearchContext
+from search.strategies import STRATEGIES, StrategySettingsError
+from search.strategies.learned import HardConcrete, LearnedMasks, round_to_budget
+from surgery.gates import SublayerGates, frozen, mask_values
+from surgery.load import load_model
+from surgery.mask import KeepMask
+from surgery.masking import masked, masker_for
+
+ASSETS = Path(__file__).resolve().parents[1] / "studies" / "assets"
+TARGETS = (0.1, 0.3, 0.5)
+FAST = dict(steps=40, batch=2, progress=False)
+
+
+@pytest.fixture(scope="module")
+def loaded():
+    torch.manual_seed(0)
+    model, tokenizer = load_model(str(ASSETS / "models" / "stories260k"), device="cpu")
+    source = TextSource(files=(str(ASSETS / "text" / "tinystories_valid.txt"),), end=0.8)
+    ids = token_batch(BatchSpec(source, num_sequences=4, seq_len=64, seed=0), tokenizer)
+    return model, ids
+
+
+@pytest.fixture(scope="module")
+def scorer(loaded):
+    model, ids = loaded
+    return MaskScorer(model, ids, "kl", batch_size=4)
+
+
+def make_context(scorer, tmp_path, name="s") -> SearchContext:
+    storage = f"sqlite:///{tmp_path / (name + '.db')}"
+    study = optuna.create_study(storage=storage, study_name="depthsearch", directions=["minimize", "minimize"])
+    return SearchContext(scorer, BUDGETS.get("params")(scorer.model), TARGETS, study, seed=0)
+
+
+def logits(model, ids):
+    with torch.no_grad():
+        return model(input_ids=ids, use_cache=False).logits
+
+
+def test_gates_at_ones_reproduce_dense_exactly(loaded):
+    model, ids = loaded
+    dense = logits(model, ids)
+    with SublayerGates(model) as gates:
+        assert len(gates.values) == 10 and gates.values.sum().item() == 10
+        gated = logits(model, ids)
+    assert torch.equal(gated, dense)
+
+
+@pytest.mark.parametrize("text", ["AM,A-,-M,--,AM", "--,AM,A-,AM,-M", "--,--,--,--,--"])
+def test_hard_gates_reproduce_runtime_masking_exactly(loaded, text):
+    model, ids = loaded
+    mask = KeepMask.parse(text)
+    with masked(model, mask):
+        expected = logits(model, ids)
+    with SublayerGates(model, mask_values(mask)):
+        gated = logits(model, ids)
+    assert torch.equal(gated, expected)
+    assert not torch.equal(gated, logits(model, ids))
+
+
+def test_gates_removed_afterwards_leave_model_dense_and_flags_restored(loaded):
+    model, ids = loaded
+    dense = logits(model, ids)
+    model.lm_head.weight.requires_grad_(True)
+    flags = {name: p.requires_grad for name, p in model.named_parameters()}
+    masker_for(model).apply(KeepMask.parse("AM,A-,AM,AM,AM"))
+    with frozen(model), SublayerGates(model, torch.full((10,), 0.5, requires_grad=True)) as gates:
+        assert not any(p.requires_grad for p in model.parameters())
+        assert masker_for(model).current == KeepMask.dense(5)  # runtime mask lifted while gated
+        out = model(input_ids=ids, use_cache=False).logits.float().logsumexp(-1).mean()
+        out.backward()
+        assert gates.values.grad is not None and gates.values.grad.abs().sum() > 0
+    assert masker_for(model).current == KeepMask.parse("AM,A-,AM,AM,AM")  # previous mask back
+    masker_for(model).restore()
+    assert {name: p.requires_grad for name, p in model.named_parameters()} == flags
+    assert all(not m._forward_hooks for m in model.modules())
+    assert torch.equal(logits(model, ids), dense)
+
+
+def test_hard_concrete_reaches_exact_zero_and_one():
+    gates = HardConcrete(4, beta=2 / 3, init_keep=0.5)
+    with torch.no_grad():
+        gates.log_alpha.copy_(torch.tensor([-8.0, -1.0, 1.0, 8.0]))
+    samples = torch.stack([gates.sample(torch.Generator().manual_seed(s)) for s in range(200)])
+    assert (samples[:, 0] == 0).all() and (samples[:, 3] == 1).all()
+    assert 0 < (samples[:, 1] == 0).float().mean() < 1
+    assert torch.equal(gates.deterministic()[[0, 3]], torch.tensor([0.0, 1.0]))
+    empirical = (samples != 0).float().mean(0)
+    assert torch.allclose(empirical, gates.keep_prob().detach(), atol=0.1)
+
+
+def test_rounding_keeps_by_score_within_budget(scorer, tmp_path):
+    ctx = make_context(scorer, tmp_path)
+    scores = [float(10 - i) for i in range(10)]  # prefer early sublayers
+    for target in TARGETS:
+        mask = round_to_budget(scores, ctx, target)
+        assert ctx.feasible(mask, target)
+        # nothing removed could be added back within the budget
+        assert all(not ctx.feasible(mask.with_kept(i), target) for i in mask.removed)
+    assert round_to_budget(scores, ctx, 0.1).bits[:8] == (True,) * 8
+
+
+def test_trained_masks_meet_every_budget_and_are_recorded(scorer, tmp_path):
+    ctx = make_context(scorer, tmp_path)
+    run = ctx.strategy_run("learned")
+    result = STRATEGIES.get("learned")(**FAST).search(run)
+    assert set(result) == set(TARGETS)
+    for target, mask in result.items():
+        assert mask is not None and ctx.feasible(mask, target)
+        assert ctx.costs.removed_fraction(mask) >= target - 1e-9
+    trials = ctx.study.get_trials()
+    assert {t.user_attrs["mask"] for t in trials} == {str(m) for m in result.values()}
+    assert all(t.user_attrs["strategy"] == "learned" for t in trials)
+    assert run.forwards >= 3 * FAST["steps"] * FAST["batch"] * len(TARGETS)
+    assert len(run.notes) == len(TARGETS) and "evaluations-equivalent" in run.notes[0]
+    assert all(p.requires_grad for p in scorer.model.parameters())  # weights' flags restored
+
+
+def test_deterministic_with_seed(scorer, tmp_path):
+    ctx = make_context(scorer, tmp_path)
+    strategy = LearnedMasks(**FAST, seed=3)
+    first = strategy.train(ctx, ctx.costs.limit(0.3), seed=3)
+    second = strategy.train(ctx, ctx.costs.limit(0.3), seed=3)
+    other = strategy.train(ctx, ctx.costs.limit(0.3), seed=4)
+    assert first == second
+    assert first.scores != other.scores
+
+
+@pytest.mark.parametrize(
+    "settings, name",
+    [
+        ({"steps": 0}, "steps"),
+        ({"steps": 2.5}, "steps"),
+        ({"lr": -0.1}, "lr"),
+        ({"lambda_lr": float("nan")}, "lambda_lr"),
+        ({"temperature": 0}, "temperature"),
+        ({"init_keep": 1.0}, "init_keep"),
+        ({"batch": 0}, "batch"),
+        ({"seed": "x"}, "seed"),
+        ({"progress": "yes"}, "progress"),
+    ],
+)
+def test_bad_settings_name_the_setting(settings, name):
+    with pytest.raises(StrategySettingsError, match=rf"setting {name}="):
+        LearnedMasks(**settings)
+
+
+def test_unknown_setting_is_a_clear_error():
+    with pytest.raises(StrategySettingsError, match="learned.*temprature"):
+        STRATEGIES.get("learned").from_settings({"temprature": 1.0})
