@@ -61,26 +61,31 @@ def local_tasks() -> list[str]:
 
 
 def _unknown(name: str, known: Sequence[str]) -> UnknownTaskError:
-    close = difflib.get_close_matches(name, known, n=5, cutoff=0.5)
+    close = difflib.get_close_matches(name, list(dict.fromkeys(known)), n=5, cutoff=0.5)
     hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
     return UnknownTaskError(f"unknown benchmark task {name!r}{hint} (local tasks: {', '.join(local_tasks())})")
 
 
-def resolve_task(name: str) -> tuple[str, Any]:
-    """(lm-eval task name, the TaskManager that knows it); UnknownTaskError lists close matches."""
+def resolve_task(name: str, *, hub: bool = True) -> tuple[str, Any]:
+    """(lm-eval task name, the TaskManager that knows it); UnknownTaskError lists close matches.
+
+    Names not defined locally are looked up in lm-eval's own index (built on first use: a minute on a slow
+    machine); ``hub=False`` accepts local tasks only.
+    """
     if not name.startswith(HUB_PREFIX) and name in _manager(False).all_tasks:
         return name, _manager(False)
+    if not hub:
+        raise _unknown(name, local_tasks())
     bare = name.removeprefix(HUB_PREFIX)
-    hub = _manager(True)
-    if bare in hub.all_tasks:
-        return bare, hub
-    raise _unknown(name, [*local_tasks(), *hub.all_tasks])
+    if bare in _manager(True).all_tasks:
+        return bare, _manager(True)
+    raise _unknown(name, [*local_tasks(), *_manager(True).all_tasks])
 
 
-def check_tasks(names: Sequence[str]) -> None:
+def check_tasks(names: Sequence[str], *, hub: bool = True) -> None:
     """Fail early on an unknown name (the local index is cheap; lm-eval's own is built only when needed)."""
     for name in names:
-        resolve_task(name)
+        resolve_task(name, hub=hub)
 
 
 def task_limit(task: str, limit: int | None, limits: Mapping[str, int | None] | None) -> int | None:

@@ -141,6 +141,8 @@ def phase_runner(model: nn.Module, phase: str, settings: LatencySettings) -> Cal
     step = torch.randint(vocab, (settings.decode_batch_size, 1), generator=generator).to(device)
     with torch.inference_mode():
         cache = model(input_ids=context, use_cache=True).past_key_values
+    if hasattr(cache, "activate_past_recording"):  # sliding-window layers can then be cropped back
+        cache.activate_past_recording()
 
     def decode():
         out = model(input_ids=step, past_key_values=cache, use_cache=True)

@@ -81,7 +81,10 @@ class EngineSection(_Section):
     staged: bool = False  # score batches on a few sequences first, fully evaluate only the best
     stage_sequences: int = Field(2, ge=1)
     stage_keep: int = Field(4, ge=1)
-    staged_strategies: list[str] = Field(default_factory=list)  # tags staging applies to (empty: all)
+    racing: bool = False  # exact racing: candidates proven worse than the best are not finished (fewer trials)
+    select_strategies: list[str] = Field(  # strategy tags whose batches only pick the best (empty: all)
+        default_factory=lambda: ["greedy_finercut", "blockpruner", "sleb", "evolutionary"]
+    )
 
 
 class StudyConfig(_Section):

@@ -133,12 +133,12 @@ class Candidate:
 
 
 def study_front(study_dir: Path):
-    """(config, front frame, size metric) of a study; a clear error when it has no completed trials."""
+    """(front frame, size metric) of a study; a clear error when it has no completed trials."""
     import optuna
 
     from search.report import front_frame, load_study, read_study
 
-    study, _, config = load_study(study_dir)
+    study, _, _ = load_study(study_dir)
     if not study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
         raise ValueError(f"{study_dir}: the study has no completed trials; run `python -m search.study run` first")
     data = read_study(study_dir)
@@ -146,7 +146,7 @@ def study_front(study_dir: Path):
     front = front[front["mask"] != data.dense_mask] if not front.empty else front
     if front.empty:
         raise ValueError(f"{study_dir}: the study's front holds no pruned mask scored on held-out text")
-    return config, front, data.size_metric
+    return front, data.size_metric
 
 
 def pick_candidates(front: pd.DataFrame, size: str, *, top_k: int, budgets: list[float]) -> list[Candidate]:
@@ -252,7 +252,7 @@ def dense_scores(ctx: dict, out: Path, progress: bool) -> dict:
 
 # outputs ---------------------------------------------------------------------------------------------------
 def _retained(value, dense, higher: bool) -> float:
-    if value is None or not dense or not value:
+    if value is None or (higher and not dense) or (not higher and not value):
         return float("nan")
     return 100.0 * (value / dense if higher else dense / value)
 
@@ -281,6 +281,14 @@ def _cell(value) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
+def _removed_text(mask: str) -> str:
+    from surgery.mask import KeepMask
+
+    keep = KeepMask.parse(mask)
+    return (f"{keep.num_removed} of {len(keep.bits)} sublayers removed ({keep.removed_attn} attention, "
+            f"{keep.removed_ffn} FFN)")
+
+
 def markdown(study_dir: Path, frame: pd.DataFrame, records: list[dict], settings: ConfirmSettings) -> str:
     heal = settings.heal
     lines = [f"# Confirm: {study_dir}", "",
@@ -292,7 +300,8 @@ def markdown(study_dir: Path, frame: pd.DataFrame, records: list[dict], settings
     for rec in records:
         cand = rec["candidate"]
         lines += [f"## {rec['name']}: `{cand['mask']}`", "",
-                  f"strategy {cand['strategy']} ({cand['why']}); {cand['removed_fraction']:.1%} of parameters removed"
+                  f"strategy {cand['strategy']} ({cand['why']}); {_removed_text(cand['mask'])}, "
+                  f"{cand['removed_fraction']:.1%} of parameters removed"
                   + (f", {rec['params']:,} of {rec['dense_params']:,} kept" if rec.get("params") else "")
                   + (f"; healing {rec['heal_seconds']:.1f} s ({rec['heal_mode']}, loss {rec['heal_loss_first']:.3f}"
                      f" -> {rec['heal_loss_last']:.3f})" if rec["status"] == "ok" else f"; FAILED: {rec['error']}"), ""]
@@ -368,10 +377,13 @@ def load_settings(args: argparse.Namespace, config: StudyConfig) -> ConfirmSetti
 def main(args: argparse.Namespace) -> int:
     from objectives.benchmarks import check_tasks
 
+    from search.report import load_study
+
     study_dir = Path(args.study_dir)
-    config, front, size = study_front(study_dir)
+    _, _, config = load_study(study_dir)
     settings = load_settings(args, config)
     check_tasks(settings.tasks)
+    front, size = study_front(study_dir)
     candidates = pick_candidates(front, size, top_k=settings.top_k, budgets=settings.budgets)
     source = corpus_source(config, settings.heal.corpus)
     return confirm(study_dir, config, settings, candidates, source, progress=not args.no_progress)

@@ -23,6 +23,7 @@ from search.engine import staged_survivors
 from surgery.mask import KeepMask
 
 MAIN_STUDY = "depthsearch"
+SELECTING = ("greedy_finercut", "blockpruner", "sleb", "evolutionary")  # evaluate_many batches feed an argmin
 
 
 def keep_params(mask: KeepMask) -> dict[str, int]:
@@ -46,7 +47,8 @@ class SearchContext:
     constraints: tuple[tuple[CostTable, float], ...] = ()  # (metric, max fraction of dense kept) for all masks
     evaluator: Any = None  # batch scorer: score_many(masks, sequences) (search.engine / search.workers); None: plain
     staging: Any = None  # search.engine.Staging: staged selection in evaluate_many (None: exact, the default)
-    staged_strategies: tuple[str, ...] = ()  # strategy tags that use staging (empty: every strategy)
+    racing: bool = False  # exact racing in evaluate_many: masks proven worse than the best are not finished
+    select_strategies: tuple[str, ...] = SELECTING  # tags whose batches only pick the best (staging/racing apply)
     _values: dict[str, float] = field(default_factory=dict)  # mask text -> full objective value
 
     def __post_init__(self) -> None:
@@ -108,17 +110,27 @@ class StrategyRun:
     def evaluate_many(self, masks: Iterable[KeepMask], target: float | None = None) -> list[float]:
         """Full objective of each mask, in order; the context's evaluator batches them (prefix reuse, workers).
 
-        With staging on for this strategy, every mask is first scored on a few sequences and only the best
-        ``staging.keep`` get a full (recorded) evaluation; the others come back as ``inf``.
+        For strategies whose batches only feed an argmin (``ctx.select_strategies``): with ``ctx.racing`` masks
+        proven worse than the best come back as ``inf`` (same best mask and value as the plain loop); with
+        ``ctx.staging`` only the best ``staging.keep`` masks on a few sequences are finished, the rest ``inf``.
+        Only finished masks are recorded as trials.
         """
         masks = list(masks)
-        staging = self.ctx.staging
-        if staging is None or len(masks) <= staging.keep or not self._staged():
-            return self._full(masks, target)
         distinct = list(dict.fromkeys(masks))
         fresh = [m for m in distinct if str(m) not in self.ctx._values]
-        best = {fresh[i] for i in staged_survivors(self.partial_many(fresh, staging.sequences), staging.keep)}
-        chosen = [m for m in distinct if m in best or str(m) in self.ctx._values]  # known values are free
+        if len(fresh) < 2 or not self._selects():
+            return self._full(masks, target)
+        if self.ctx.staging is not None and len(fresh) > self.ctx.staging.keep:
+            scores = self.partial_many(fresh, self.ctx.staging.sequences)
+            best = {fresh[i] for i in staged_survivors(scores, self.ctx.staging.keep)}
+        elif self.ctx.racing and hasattr(self.ctx.evaluator, "race"):
+            known = [self.ctx._values[str(m)] for m in distinct if m not in fresh]
+            raced = self._counted(lambda: self.ctx.evaluator.race(fresh, min(known, default=math.inf)), len(fresh))
+            self.ctx._values.update((str(m), v) for m, v in zip(fresh, raced) if math.isfinite(v))
+            best = {m for m, v in zip(fresh, raced) if math.isfinite(v)}
+        else:
+            return self._full(masks, target)
+        chosen = [m for m in distinct if m in best or m not in fresh]  # known values are free
         values = dict(zip(chosen, self._full(chosen, target)))
         return [values.get(m, math.inf) for m in masks]
 
@@ -132,25 +144,32 @@ class StrategyRun:
         """:meth:`partial` of each mask, batched through the context's evaluator."""
         masks = list(masks)
         sequences = min(sequences, len(self.ctx.scorer.input_ids))
-        self.forwards += sequences * len(masks)
         if self.ctx.evaluator is None:
+            self.forwards += sequences * len(masks)
             return [self.ctx.scorer.score(mask, sequences=sequences) for mask in masks]
-        return self.ctx.evaluator.score_many(masks, sequences)
+        return self._counted(lambda: self.ctx.evaluator.score_many(masks, sequences), sequences * len(masks))
 
-    def _staged(self) -> bool:
-        return not self.ctx.staged_strategies or self.strategy in self.ctx.staged_strategies
+    def _selects(self) -> bool:
+        return not self.ctx.select_strategies or self.strategy in self.ctx.select_strategies
+
+    def _counted(self, score, nominal: int) -> list[float]:
+        """Run an evaluator call, counting the sequences it really forwarded (``nominal`` if it cannot say)."""
+        counters = getattr(self.ctx.evaluator, "counters", None)
+        before = counters.head_forwards if counters else 0
+        values = score()
+        self.forwards += counters.head_forwards - before if counters else nominal
+        return values
 
     def _full(self, masks: list[KeepMask], target: float | None) -> list[float]:
         """Full objectives: computed once per distinct mask, recorded once per strategy."""
         missing = [m for m in dict.fromkeys(masks) if str(m) not in self.ctx._values]
-        if missing:
-            if self.ctx.evaluator is None:
-                values = [self.ctx.scorer.score(mask) for mask in missing]
-            else:
-                values = self.ctx.evaluator.score_many(missing)
-            for mask, value in zip(missing, values):
-                self.ctx._values[str(mask)] = value
+        if missing and self.ctx.evaluator is None:
+            values = [self.ctx.scorer.score(mask) for mask in missing]
             self.forwards += len(self.ctx.scorer.input_ids) * len(missing)
+        elif missing:
+            nominal = len(self.ctx.scorer.input_ids) * len(missing)
+            values = self._counted(lambda: self.ctx.evaluator.score_many(missing), nominal)
+        self.ctx._values.update((str(m), v) for m, v in zip(missing, values if missing else ()))
         result = []
         for mask in masks:
             self.evaluations += 1

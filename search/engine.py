@@ -16,6 +16,7 @@ the model's own logits at capture time; a family whose head is not reproduced ra
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -162,6 +163,43 @@ class PrefixEngine:
             self.masker.apply(previous)
         positions = count * self.scorer.positions_per_sequence
         return [self.scorer.objective.finish(totals[m.bits] / positions) for m in masks]
+
+    @torch.no_grad()
+    def race(self, masks: Sequence[KeepMask], best_known: float = math.inf) -> list[float]:
+        """Exact racing for an argmin: full objective of every mask that can still be the best, ``inf`` for the rest.
+
+        Per-position objective values are non-negative, so a partial sum over the first micro-batches bounds the
+        full value from below. After the first micro-batch the leader is finished; then micro-batch by
+        micro-batch every mask whose bound exceeds the best full value (or ``best_known``) is dropped. The best
+        mask and its value are the plain loop's; dropped masks are never finished.
+        """
+        total, size = len(self.scorer.input_ids), self.scorer.batch_size
+        spans = [(start, min(size, total - start)) for start in range(0, total, size)]
+        alive = sorted({m.bits for m in masks})
+        sums = dict.fromkeys(alive, 0.0)
+        value = lambda s, n: self.scorer.objective.finish(s / (n * self.scorer.positions_per_sequence))  # noqa: E731
+        bound = best_known
+        previous = self.masker.current
+        try:
+            for index, (start, count) in enumerate(spans):
+                for bits, part in self._score_chunk(alive, start, count).items():
+                    sums[bits] += part
+                if index == 0:
+                    leader = min(alive, key=lambda b: sums[b])
+                    bound = min(bound, self._finish(leader, spans, sums[leader], value))
+                margin = 1e-6 * abs(bound) + 1e-12
+                alive = [b for b in alive if value(sums[b], total) <= bound + margin]  # a lower bound
+        finally:
+            self.masker.apply(previous)
+        finished = {bits: value(sums[bits], total) for bits in alive}
+        return [finished.get(m.bits, math.inf) for m in masks]
+
+    def _finish(self, bits: tuple[bool, ...], spans, first: float, value) -> float:
+        """Full value of one mask whose first micro-batch sum is ``first``."""
+        summed = first
+        for start, count in spans[1:]:  # the plain loop's summation order
+            summed += self._score_chunk([bits], start, count)[bits]
+        return value(summed, len(self.scorer.input_ids))
 
     def _score_chunk(self, masks: list[tuple[bool, ...]], start: int, size: int) -> dict:
         """Summed objective of each (sorted, distinct) mask on one micro-batch."""

@@ -52,7 +52,7 @@ def test_kl_of_a_mask_with_itself_is_zero_and_grows_with_removal(stories, storie
     with torch.no_grad(), masked(model, mask):
         logits = model(stories_ids).logits
     assert float(kl(logits, Reference.from_logits(logits), stories_ids)) == 0.0
-    scorer = MaskScorer(model, stories_ids, "kl", batch_size=2)
+    scorer = MaskScorer(model, stories_ids, "kl", batch_size=4)
     assert scorer.score(KeepMask.dense(5)) == 0.0
     one, two = scorer.score(mask), scorer.score(mask.without(4))
     assert 0.0 < one < two

@@ -1,0 +1,214 @@
+"""`python -m search.study run`: validation before writing, a real study on stories260k, resume, SIGKILL."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pandas as pd
+import pytest
+import yaml
+
+from search.study import main as study_main
+
+ROOT = Path(__file__).resolve().parents[1]
+ASSETS = ROOT / "studies" / "assets"
+MODEL = ASSETS / "models" / "stories260k"
+TEXT = ASSETS / "text" / "tinystories_valid.txt"
+
+CHEAP_STRATEGIES = [
+    {"name": "greedy_finercut"},
+    {"name": "shortgpt"},
+    {"name": "gromov"},
+    {"name": "tpe", "settings": {"n_trials": 8, "n_startup_trials": 4, "seed": 0}},
+]
+
+
+def study_config(out: Path, strategies=None, **overrides) -> dict:
+    """A small stories260k study: 2 x 32 calibration tokens, cheap strategy settings."""
+    config = {
+        "model": {"name": str(MODEL), "device": "cpu", "threads": 1},
+        "calibration": {"files": [str(TEXT)], "end": 0.8, "num_sequences": 2, "seq_len": 32, "seed": 0},
+        "heldout": {"files": [str(TEXT)], "start": 0.8, "num_sequences": 4, "seq_len": 32, "seed": 1},
+        "objective": "kl",
+        "budget": {"metric": "params", "targets": [0.2, 0.4]},
+        "strategies": strategies if strategies is not None else CHEAP_STRATEGIES,
+        "output_dir": str(out),
+    }
+    for key, value in overrides.items():
+        if isinstance(value, dict) and isinstance(config.get(key), dict):
+            config[key] = {**config[key], **value}
+        else:
+            config[key] = value
+    return config
+
+
+def write_config(path: Path, config: dict) -> Path:
+    path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    return path
+
+
+def run_study(tmp_path: Path, name: str = "study", **overrides) -> Path:
+    out = tmp_path / name
+    config = write_config(tmp_path / f"{name}.yaml", study_config(out, **overrides))
+    assert study_main(["run", str(config), "--no-progress"]) == 0
+    return out
+
+
+def trial_table(out: Path) -> pd.DataFrame:
+    study = optuna.load_study(study_name="depthsearch", storage=f"sqlite:///{out / 'study.db'}")
+    rows = [(t.user_attrs["strategy"], t.user_attrs["mask"], t.values[0]) for t in study.get_trials(deepcopy=False)]
+    return pd.DataFrame(rows, columns=["strategy", "mask", "objective"])
+
+
+# bad configs: exit 2, one message, nothing written ---------------------------------------------------------
+BAD = {
+    "unknown strategy": ({"strategies": [{"name": "greedy_finercat"}]}, "did you mean 'greedy_finercut'"),
+    "missing model": ({"model": {"name": str(ASSETS / "models" / "nope")}}, "model.name: model path"),
+    "infeasible budget": ({"budget": {"metric": "params", "targets": [0.95]}}, "budget.targets.0: params target 95%"),
+    "same text": ({"heldout": {"start": 0.0, "end": 0.8, "seed": 0}}, "overlaps calibration text"),
+    "wrong type": ({"calibration": {"num_sequences": "many"}}, "calibration.num_sequences"),
+    "bad setting": ({"strategies": [{"name": "tpe", "settings": {"n_trails": 3}}]}, "strategies.0.settings"),
+    "unknown budget": ({"budget": {"metric": "param"}}, "did you mean 'params'"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_config_exits_2_and_writes_nothing(tmp_path, capsys, case):
+    overrides, expected = BAD[case]
+    out = tmp_path / "out"
+    config = write_config(tmp_path / "bad.yaml", study_config(out, **overrides))
+    assert study_main(["run", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and expected in err
+    assert str(config) in err  # the file is named
+    assert not out.exists()
+
+
+def test_all_problems_reported_at_once(tmp_path, capsys):
+    overrides = {"strategies": [{"name": "sleeb"}], "model": {"name": str(tmp_path / "missing")},
+                 "heldout": {"start": 0.5, "end": 1.0}}
+    out = tmp_path / "out"
+    config = write_config(tmp_path / "bad.yaml", study_config(out, **overrides))
+    assert study_main(["run", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert "3 problem(s)" in err
+    assert "did you mean 'sleb'" in err and "model.name" in err and "overlaps calibration" in err
+    assert not out.exists()
+
+
+def test_malformed_yaml_exits_2(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: {name: [unclosed\n", encoding="utf-8")
+    assert study_main(["run", str(bad)]) == 2
+    assert "not valid YAML" in capsys.readouterr().err
+
+
+def test_identical_heldout_batches_rejected(tmp_path, capsys):
+    """Different slices that still give the same token windows (a copy of the text) are caught after tokenising."""
+    copy = tmp_path / "copy.txt"
+    copy.write_text(TEXT.read_text(encoding="utf-8"), encoding="utf-8")
+    out = tmp_path / "out"
+    overrides = {"heldout": {"files": [str(copy)], "start": 0.0, "end": 0.8, "seed": 0, "num_sequences": 2}}
+    config = write_config(tmp_path / "bad.yaml", study_config(out, **overrides))
+    assert study_main(["run", str(config), "--no-progress"]) == 2
+    assert "held-out sequences equal calibration sequences" in capsys.readouterr().err
+    assert not out.exists()
+
+
+# a real study -------------------------------------------------------------------------------------------
+def test_run_records_every_strategy_and_resumes(tmp_path, capsys):
+    out = run_study(tmp_path)
+    summary_line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert summary_line.startswith("done: ") and str(out / "summary.md") in summary_line
+    study = optuna.load_study(study_name="depthsearch", storage=f"sqlite:///{out / 'study.db'}")
+    attrs = study.user_attrs
+    for entry in CHEAP_STRATEGIES:
+        record = attrs[f"strategy:{entry['name']}"]
+        assert record["done"] and set(record["results"]) == {"0.2", "0.4"}
+        assert record["evaluations"] >= 1
+    assert attrs["meta"]["dense"]["params"] == 260032
+    assert (out / "config.yaml").is_file() and (out / "trials.csv").is_file()
+    trials = trial_table(out)
+    heldout = dict(attrs["heldout"]["ppl"])
+    assert str("AM,AM,AM,AM,AM") in heldout and all(v > 1 for v in heldout.values())
+
+    # resume: nothing evaluated again, same results
+    assert study_main(["run", str(tmp_path / "study.yaml"), "--no-progress"]) == 0
+    pd.testing.assert_frame_equal(trial_table(out), trials)
+    study = optuna.load_study(study_name="depthsearch", storage=f"sqlite:///{out / 'study.db'}")
+    assert study.user_attrs["heldout"]["ppl"] == heldout
+
+
+def test_changed_calibration_refuses_to_resume(tmp_path, capsys):
+    out = run_study(tmp_path, strategies=[{"name": "shortgpt"}])
+    config = write_config(tmp_path / "other.yaml",
+                          study_config(out, strategies=[{"name": "shortgpt"}], calibration={"seed": 5}))
+    assert study_main(["run", str(config), "--no-progress"]) == 2
+    assert "other settings" in capsys.readouterr().err
+
+
+def test_journal_storage(tmp_path):
+    out = tmp_path / "journal"
+    config = write_config(tmp_path / "j.yaml", study_config(out, strategies=[{"name": "shortgpt"}],
+                                                           storage=str(tmp_path / "journal.log")))
+    assert study_main(["run", str(config), "--no-progress"]) == 0
+    assert (tmp_path / "journal.log").stat().st_size > 0 and not (out / "study.db").exists()
+    assert len(pd.read_csv(out / "trials.csv")) >= 1
+
+
+def test_dry_run_prints_plan_and_writes_nothing(tmp_path, capsys):
+    out = tmp_path / "out"
+    config = write_config(tmp_path / "ok.yaml", study_config(out))
+    assert study_main(["run", str(config), "--dry-run"]) == 0
+    plan = capsys.readouterr().out
+    assert "dense params: 260032 parameters; 5 layers, 2^10 masks" in plan
+    assert "target 40%: params <= 156019" in plan
+    assert not out.exists()
+
+
+# SIGKILL mid-run loses no completed trial ------------------------------------------------------------------
+def _count_trials(db: Path) -> int:
+    if not db.exists():
+        return 0
+    try:
+        with sqlite3.connect(db, timeout=1) as conn:
+            return conn.execute("select count(*) from trials where state = 'COMPLETE'").fetchone()[0]
+    except sqlite3.OperationalError:
+        return 0
+
+
+@pytest.mark.slow
+def test_sigkill_loses_no_trial_and_resume_matches_uninterrupted(tmp_path):
+    strategies = [{"name": "greedy_finercut"}, {"name": "exhaustive"}]
+    reference = run_study(tmp_path, "reference", strategies=strategies)
+    out = tmp_path / "killed"
+    config = write_config(tmp_path / "killed.yaml", study_config(out, strategies=strategies))
+    command = [sys.executable, "-m", "search.study", "run", str(config), "--no-progress"]
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while _count_trials(out / "study.db") < 60 and time.time() < deadline and process.poll() is None:
+        time.sleep(0.05)
+    assert process.poll() is None, "the study finished before it could be killed"
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait()
+    before = trial_table(out)
+    assert len(before) >= 60 and "summary.md" not in os.listdir(out)
+
+    assert study_main(["run", str(config), "--no-progress"]) == 0
+    after = trial_table(out)
+    pd.testing.assert_frame_equal(after.iloc[: len(before)], before)  # no completed trial lost or redone
+    key = ["strategy", "mask"]
+    expected = trial_table(reference).sort_values(key).reset_index(drop=True)
+    pd.testing.assert_frame_equal(after.sort_values(key).reset_index(drop=True), expected)
+    done = optuna.load_study(study_name="depthsearch", storage=f"sqlite:///{out / 'study.db'}").user_attrs
+    ref = optuna.load_study(study_name="depthsearch", storage=f"sqlite:///{reference / 'study.db'}").user_attrs
+    for tag in ("greedy_finercut", "exhaustive"):
+        assert done[f"strategy:{tag}"]["results"] == ref[f"strategy:{tag}"]["results"]
+    assert done["heldout"]["ppl"] == ref["heldout"]["ppl"]
