@@ -2,35 +2,32 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
 
 from .families import family_for
+from .pruned_modeling import PREFIX as PRUNED_PREFIX, pruned_classes
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
-
 class ModelLoadError(ValueError):
     """A model path or hub id that cannot be loaded."""
-
 
 def resolve_dtype(name: str) -> torch.dtype:
     if name not in DTYPES:
         raise ModelLoadError(f"unknown dtype {name!r}; choose one of {', '.join(DTYPES)}")
     return DTYPES[name]
 
-
 def resolve_device(name: str = "auto") -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
 
-
 def looks_local(name: str) -> bool:
     """Paths (./x, /x, ~/x, or anything that exists) are local; 'org/name' is a hub id."""
     return name.startswith((".", "/", "~")) or Path(name).expanduser().exists()
-
 
 def check_model_source(name: str) -> None:
     """Fail early for a local path that is missing or has no config.json."""
@@ -39,12 +36,22 @@ def check_model_source(name: str) -> None:
         if not (path / "config.json").is_file():
             raise ModelLoadError(f"model path {name!r} has no config.json (missing or not a model directory)")
 
+def register_pruned(name: str) -> None:
+    """Make a local partially-pruned export loadable without ``trust_remote_code`` (registers its classes)."""
+    config_file = Path(name).expanduser() / "config.json"
+    if not config_file.is_file():
+        return
+    model_type = json.loads(config_file.read_text(encoding="utf-8")).get("model_type", "")
+    if model_type.startswith(PRUNED_PREFIX):
+        pruned_classes(model_type[len(PRUNED_PREFIX) :])
 
 def load_model(name: str, *, dtype: str = "float32", device: str = "auto", trust_remote_code: bool = False):
     """(model in eval mode, tokenizer); the model's family must be supported."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     check_model_source(name)
+    if looks_local(name):
+        register_pruned(name)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             str(Path(name).expanduser()) if looks_local(name) else name,

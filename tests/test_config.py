@@ -91,7 +91,7 @@ def test_unknown_key_rejected(tmp_path):
 def test_semantic_checks_collect_everything(tmp_path):
     data = _base()
     data["model"]["name"] = "./no/such/model"
-    data["strategies"] = [{"name": "evolutionary", "settings": {"generations": 0}}, {"name": "gromov"},
+    data["strategies"] = [{"name": "evolutionary", "settings": {"generationz": 3}}, {"name": "gromov"},
                           {"name": "gromov"}]
     data["budget"]["constraints"] = {"kv_cache_byte": 0.5}
     data["storage"] = "study.db"

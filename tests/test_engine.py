@@ -18,6 +18,15 @@ from surgery.mask import KeepMask
 from tests.families import input_ids
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Single-threaded torch: the numbers do not depend on it and a shared CPU runs much faster this way."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _masks(num_layers: int, seed: int = 0, count: int = 10) -> list[KeepMask]:
     """Random masks plus a greedy step's candidates (one more sublayer removed from a parent)."""
     rng = random.Random(seed)
@@ -32,7 +41,6 @@ def _relative(a: list[float], b: list[float]) -> float:
 
 @pytest.mark.parametrize("objective", ["kl", "js", "ppl"])
 def test_engine_equals_plain_scorer_on_every_family(case, tiny, objective):
-    torch.set_num_threads(1)
     model = tiny(case)
     scorer = MaskScorer(model, input_ids(batch=3, seq=10), objective, batch_size=2)
     masks = _masks(scorer.num_layers, seed=len(case.name))

@@ -102,7 +102,7 @@ _REMOTE = textwrap.dedent("""
 def _load_remotely(exports, tmp_path, cases):
     directories = [str(exports(case.name)["dirs"]["partial"]) for case in cases]
     env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
-    env.update(HF_MODULES_CACHE=str(tmp_path / "modules"), HF_HUB_OFFLINE="1")
+    env.update(HF_MODULES_CACHE=str(tmp_path / "modules"), HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
     result = subprocess.run(
         [sys.executable, "-I", "-c", _REMOTE, json.dumps(input_ids().tolist()), *directories],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300,
