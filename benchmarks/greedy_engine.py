@@ -3,10 +3,12 @@
     python benchmarks/greedy_engine.py --repeats 3
 
 For each model (the bundled tinystories-l12 and a random-weight Llama of ``--big-layers`` x ``--big-hidden``), the
-``greedy_finercut`` strategy runs through a SearchContext three ways: ``plain`` (MaskScorer per candidate),
-``exact`` (prefix reuse) and ``staged`` (prefix reuse + staged selection). Every run is a fresh process (so peak
+``greedy_finercut`` strategy runs through a SearchContext four ways: ``plain`` (MaskScorer per candidate),
+``exact`` (prefix reuse: every candidate finished, the plain loop's trials), ``raced`` (prefix reuse + exact
+racing: candidates proven worse than the step's best are not finished) and ``staged`` (prefix reuse + staged
+selection on ``--stage-sequences``, keeping ``--stage-keep``). Every run is a fresh process (so peak
 memory is its own); modes are interleaved per repeat and the medians are printed. The exact engine must give the
-plain loop's removal order, and staged selection the plain loop's masks at every budget target.
+plain loop's removal order (exact and raced), and staged selection the plain loop's masks at every target.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 ASSETS = ROOT / "studies" / "assets"
-MODES = ("plain", "exact", "staged")
+MODES = ("plain", "exact", "raced", "staged")
 
 
 def _model(name: str, args):
@@ -70,7 +72,7 @@ def measure(name: str, mode: str, args) -> dict:
     staging = Staging(args.stage_sequences, args.stage_keep) if mode == "staged" else None
     study = optuna.create_study(directions=["minimize", "minimize"])
     ctx = SearchContext(scorer=scorer, costs=sublayer_costs(model), targets=tuple(args.targets), study=study,
-                        evaluator=evaluator, staging=staging)
+                        evaluator=evaluator, staging=staging, racing=mode == "raced")
     strategy = STRATEGIES.get("greedy_finercut")()
     base_rss = _rss_mb()
     if args.device.startswith("cuda"):
@@ -94,7 +96,7 @@ def _summary(name: str, runs: list[dict]) -> list[str]:
     plain = by["plain"][0]
     lines = [f"{name}: plain {wall['plain']:.2f} s median of {len(by['plain'])}, removal order "
              f"{[u[0] for u in plain['order']]}, masks {plain['masks']}"]
-    for mode in ("exact", "staged"):
+    for mode in MODES[1:]:
         run = by[mode][0]
         same_order = all(r["order"] == plain["order"] for r in by[mode])
         same_masks = all(r["masks"] == plain["masks"] for r in by[mode])

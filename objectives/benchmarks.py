@@ -138,6 +138,10 @@ def evaluate(
 
     resolved = {name: resolve_task(name) for name in tasks}
     logging.getLogger("lm_eval").setLevel(logging.ERROR)
+    if not progress:
+        import datasets
+
+        datasets.disable_progress_bars()
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
     out: dict[str, TaskResult] = {}
     for name in tqdm(tasks, desc="benchmarks", disable=not progress, leave=False):

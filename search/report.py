@@ -257,13 +257,15 @@ def plot_pareto_png(data: StudyData, results: pd.DataFrame, front: pd.DataFrame,
 
     size, dense = data.size_metric, data.meta["dense"][data.size_metric]
     fig, (left, right) = plt.subplots(1, 2, figsize=(13, 5))
+    sizes = data.trials.drop_duplicates("mask").set_index("mask")[size].to_dict()
     for i, (tag, group) in enumerate(data.trials.groupby("strategy", sort=False)):
         color = f"C{i % 10}"
         left.scatter(group[size], group["objective"], s=6, alpha=0.25, color=color)
         own = _own_front(group, size, "objective")
         left.plot(own[size], own["objective"], marker="o", ms=3, color=color, label=tag)
-        mine = results[results["strategy"] == tag].merge(data.trials[["mask", size]].drop_duplicates("mask"), on="mask")
-        mine = mine.dropna(subset=["heldout_ppl"]).sort_values(size)
+        mine = results[results["strategy"] == tag].dropna(subset=["heldout_ppl"]).copy()
+        mine[size] = mine["mask"].map(sizes)
+        mine = mine.sort_values(size)
         right.plot(mine[size], mine["heldout_ppl"], marker="o", ms=4, alpha=0.8, color=color, label=tag)
     left.scatter([dense], [data.meta.get("dense_objective", 0.0)], marker="*", s=200, color="k", label="dense", zorder=5)
     if not front.empty:

@@ -294,6 +294,11 @@ def execute(config: StudyConfig, *, progress: bool = True) -> int:
     name, _ = model_source(config)
     if config.model.threads:
         torch.set_num_threads(config.model.threads)
+    if not progress:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    _probe(config)  # local models: budgets and text checked before any weight is read
     model, tokenizer = load_model(name, dtype=config.model.dtype, device=config.model.device,
                                   trust_remote_code=config.model.trust_remote_code)
     prepared = prepare(config, model, tokenizer)

@@ -133,6 +133,7 @@ class LearnedMasks(Strategy):
         temperature: float = 2 / 3,
         init_keep: float = 0.9,
         batch: int = 4,
+        warmup: float = 0.2,
         seed: int | None = None,
         progress: bool = True,
     ):
@@ -142,11 +143,12 @@ class LearnedMasks(Strategy):
         _check("temperature", temperature, _is_real(temperature) and temperature > 0, "a positive number")
         _check("init_keep", init_keep, _is_real(init_keep) and 0 < init_keep < 1, "a probability in (0, 1)")
         _check("batch", batch, _is_int(batch) and batch >= 1, "an integer >= 1 (calibration sequences per step)")
+        _check("warmup", warmup, _is_real(warmup) and 0 <= warmup <= 1, "a fraction of the steps in [0, 1]")
         _check("seed", seed, seed is None or _is_int(seed), "an integer or null (the study seed)")
         _check("progress", progress, isinstance(progress, bool), "true or false")
         self.steps, self.lr, self.lambda_lr = steps, float(lr), float(lambda_lr)
         self.temperature, self.init_keep, self.batch = float(temperature), float(init_keep), batch
-        self.seed, self.progress = seed, progress
+        self.warmup, self.seed, self.progress = float(warmup), seed, progress
 
     def search(self, run: StrategyRun) -> dict[float, KeepMask | None]:
         results: dict[float, KeepMask | None] = {}
@@ -197,19 +199,24 @@ class LearnedMasks(Strategy):
                 hooks.values = gates.sample(generator)
                 loss = self._objective(scorer, sequences)
                 cost = costs.fixed + (gates.keep_prob() * sublayer_cost).sum()
-                gap = (cost - limit) / costs.dense
+                gap = (cost - self._limit_at(step, limit, costs.dense)) / costs.dense
                 total = loss + lambdas[0] * gap + lambdas[1] * gap**2
                 optimizer.zero_grad()
                 ascent.zero_grad()
                 total.backward()
                 optimizer.step()
                 ascent.step()
-                objective, expected = float(loss), 1 - float(cost) / costs.dense
+                objective, expected = float(loss.detach()), 1 - float(cost.detach()) / costs.dense
                 if step % 10 == 0 or step == self.steps - 1:
                     bar.set_postfix(objective=f"{objective:.4f}", removed=f"{expected:.1%}")
         bar.close()
         scores = tuple(float(a) for a in gates.log_alpha.detach())
         return Trained(scores, objective, expected, self.steps, len(sequences))
+
+    def _limit_at(self, step: int, limit: float, dense: float) -> float:
+        """The cost target of a step: from dense down to ``limit`` over the warm-up, then ``limit``."""
+        ramp = self.warmup * self.steps
+        return limit if step >= ramp else dense - (dense - limit) * step / ramp
 
     @staticmethod
     def _objective(scorer, sequences: torch.Tensor) -> torch.Tensor:

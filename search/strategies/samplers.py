@@ -55,7 +55,7 @@ def trial_mask(trial: optuna.trial.FrozenTrial, sublayers: int) -> KeepMask:
 class OptunaSampling(Strategy):
     """Shared loop: working studies, warm start, resume, constraint handling."""
 
-    def __init__(self, *, n_trials: int = 100, warm_start: int = 4, seed: int | None = None):
+    def __init__(self, *, n_trials: int = 150, warm_start: int = 4, seed: int | None = None):
         self.n_trials = check_int("n_trials", n_trials)
         self.warm_start = check_int("warm_start", warm_start, minimum=0)
         self.seed = check_int("seed", seed, minimum=0, allow_none=True)
@@ -126,7 +126,7 @@ class PerTargetSampling(OptunaSampling):
 
 @register("tpe")
 class TPE(PerTargetSampling):
-    def __init__(self, *, n_trials: int = 100, warm_start: int = 4, n_startup_trials: int = 10,
+    def __init__(self, *, n_trials: int = 150, warm_start: int = 4, n_startup_trials: int = 20,
                  multivariate: bool = True, seed: int | None = None):
         super().__init__(n_trials=n_trials, warm_start=warm_start, seed=seed)
         self.n_startup_trials = check_int("n_startup_trials", n_startup_trials, minimum=0)

@@ -1,0 +1,222 @@
+"""Executors: where masks are scored. In process (the fast engine), a local process pool, or Ray workers.
+
+``context_options(config, scorer)`` gives the SearchContext keywords a study runs with (``evaluator``,
+``staging``, ``racing``, ``select_strategies``); ``run`` builds the context as
+``SearchContext(..., **context_options(config, scorer))``. Every worker loads the model once and scores many
+masks with the same engine as the in-process path, so results are the same numbers. A batch is split into
+contiguous runs of its masks in prefix order (each worker keeps the prefix reuse). Ray workers are actors that
+Ray restarts when their process dies, and the task they had is retried: a killed worker loses no evaluation.
+``tune_sampler`` runs an Optuna sampler's trials as Ray Tune trials (OptunaSearch) on such workers.
+Ray is imported only when a Ray executor is built.
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ProcessPoolExecutor
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from search.config import StudyConfig
+from search.engine import EngineCounters, Staging, make_scoring_backend
+from surgery.mask import KeepMask
+
+
+ROOT = str(Path(__file__).resolve().parents[1])  # workers import this package from here
+
+
+class ExecutorError(ValueError):
+    """An executor setting that cannot be used (the message names the key)."""
+
+
+# worker side -------------------------------------------------------------------------------------------------
+def build_scorer(config: StudyConfig, *, device: str | None = None):
+    """The study's MaskScorer: model, calibration batch, objective and reference exactly as ``run`` builds them."""
+    from objectives.calibration import token_batch
+    from objectives.scorer import MaskScorer
+    from search.config import model_source, text_source
+    from surgery.load import load_model
+
+    name, _ = model_source(config)
+    model, tokenizer = load_model(name, dtype=config.model.dtype, device=device or config.model.device,
+                                  trust_remote_code=config.model.trust_remote_code)
+    ids = token_batch(text_source(config, config.calibration), tokenizer)
+    torch.manual_seed(config.seed)
+    return MaskScorer(model, ids, config.objective, batch_size=config.reference.batch_size,
+                      topk=config.reference.topk)
+
+
+class WorkerState:
+    """What one worker process holds: the scorer and its backend, built once."""
+
+    def __init__(self, config: StudyConfig, threads: int | None = None):
+        if threads:
+            torch.set_num_threads(threads)
+        self.scorer = build_scorer(config)
+        self.backend = make_scoring_backend(self.scorer, prefix_reuse=config.engine.prefix_reuse)
+
+    def score(self, masks: Sequence[str], sequences: int | None) -> tuple[list[float], int, int]:
+        """(values, sublayer forwards, head forwards) for masks given as text."""
+        counters = self.backend.counters
+        before = counters.sublayer_forwards, counters.head_forwards
+        values = self.backend.score_many([KeepMask.parse(m) for m in masks], sequences)
+        return values, counters.sublayer_forwards - before[0], counters.head_forwards - before[1]
+
+
+_STATE: WorkerState | None = None  # one per process pool worker
+
+
+def _pool_init(config: StudyConfig, threads: int | None) -> None:
+    global _STATE
+    _STATE = WorkerState(config, threads)
+
+
+def _pool_score(masks: Sequence[str], sequences: int | None):
+    return _STATE.score(masks, sequences)
+
+
+# driver side -------------------------------------------------------------------------------------------------
+def split_batch(masks: Sequence[KeepMask], parts: int) -> list[list[KeepMask]]:
+    """Distinct masks in prefix order, cut into at most ``parts`` contiguous, near-equal runs."""
+    ordered = sorted(set(masks), key=lambda m: m.bits)
+    parts = max(1, min(parts, len(ordered)))
+    size, extra = divmod(len(ordered), parts)
+    runs, start = [], 0
+    for index in range(parts):
+        stop = start + size + (index < extra)
+        runs.append(ordered[start:stop])
+        start = stop
+    return [run for run in runs if run]
+
+
+class PoolEvaluator:
+    """Fans ``score_many`` out over workers; subclasses say how a run of masks reaches a worker."""
+
+    def __init__(self, workers: int):
+        self.workers = workers
+        self.counters = EngineCounters()
+
+    def submit(self, index: int, masks: list[str], sequences: int | None) -> Any:
+        raise NotImplementedError
+
+    def gather(self, handles: list[Any]) -> list[tuple[list[float], int, int]]:
+        raise NotImplementedError
+
+    def score_many(self, masks: Sequence[KeepMask], sequences: int | None = None) -> list[float]:
+        runs = split_batch(masks, self.workers)
+        handles = [self.submit(i, [str(m) for m in run], sequences) for i, run in enumerate(runs)]
+        values: dict[KeepMask, float] = {}
+        for run, (scores, sublayers, heads) in zip(runs, self.gather(handles)):
+            values.update(zip(run, scores))
+            self.counters.sublayer_forwards += sublayers
+            self.counters.head_forwards += heads
+        return [values[m] for m in masks]
+
+    def close(self) -> None:
+        """Release the workers."""
+
+
+class ProcessEvaluator(PoolEvaluator):
+    """``executor: processes``: local worker processes (spawned), each with the model loaded once."""
+
+    def __init__(self, config: StudyConfig, *, workers: int, threads: int | None = 1):
+        super().__init__(workers)
+        self.pool = ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn"),
+                                        initializer=_pool_init, initargs=(config, threads))
+
+    def submit(self, index, masks, sequences):
+        return self.pool.submit(_pool_score, masks, sequences)
+
+    def gather(self, handles):
+        return [handle.result() for handle in handles]
+
+    def close(self) -> None:
+        self.pool.shutdown(cancel_futures=True)
+
+
+class RayEvaluator(PoolEvaluator):
+    """``executor: ray``: one Ray actor per worker (joins ``address`` or starts a local cluster)."""
+
+    def __init__(self, config: StudyConfig, *, workers: int, address: str | None = None,
+                 resources: dict[str, float] | None = None):
+        super().__init__(workers)
+        ray = _ray(address)
+        options = ray_options(resources or {"CPU": 1})
+        actor = ray.remote(max_restarts=-1, max_task_retries=-1)(RayWorker)
+        self.actors = [actor.options(**options).remote(config, int(options.get("num_cpus", 1)) or 1)
+                       for _ in range(workers)]
+
+    def submit(self, index, masks, sequences):
+        return self.actors[index % len(self.actors)].score.remote(masks, sequences)
+
+    def gather(self, handles):
+        import ray
+
+        return ray.get(handles)
+
+    def pids(self) -> list[int]:
+        import ray
+
+        return ray.get([actor.pid.remote() for actor in self.actors])
+
+    def close(self) -> None:
+        import ray
+
+        for actor in self.actors:
+            ray.kill(actor)
+
+
+class RayWorker(WorkerState):
+    """The Ray actor body: a WorkerState that can say its process id."""
+
+    def pid(self) -> int:
+        return os.getpid()
+
+
+def ray_options(resources: dict[str, float]) -> dict[str, Any]:
+    """Ray actor/task options from ``resources_per_worker`` (CPU, GPU, or custom resources)."""
+    resources = dict(resources)
+    options: dict[str, Any] = {"num_cpus": resources.pop("CPU", 1), "num_gpus": resources.pop("GPU", 0)}
+    if resources:
+        options["resources"] = resources
+    return options
+
+
+def _ray(address: str | None):
+    """Ray, initialised once: joins ``address`` or starts a small local cluster."""
+    import ray
+
+    if not ray.is_initialized():
+        runtime_env = {"env_vars": {"PYTHONPATH": os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))}}
+        cpus = None if address else max(2, os.cpu_count() or 2)
+        ray.init(address=address, num_cpus=cpus, include_dashboard=False, log_to_driver=False,
+                 runtime_env=runtime_env)
+    return ray
+
+
+def make_evaluator(config: StudyConfig, scorer):
+    """The evaluator for the config's executor: the in-process engine, a process pool, or Ray actors."""
+    executor = config.executor
+    if executor.kind == "inprocess":
+        return make_scoring_backend(scorer, prefix_reuse=config.engine.prefix_reuse)
+    if executor.kind == "processes":
+        return ProcessEvaluator(config, workers=executor.workers,
+                                threads=int(executor.resources_per_worker.get("CPU", 1)) or 1)
+    if executor.kind == "ray":
+        return RayEvaluator(config, workers=executor.workers, address=executor.address,
+                            resources=executor.resources_per_worker)
+    raise ExecutorError(f"executor.kind: unknown executor {executor.kind!r}")
+
+
+def context_options(config: StudyConfig, scorer) -> dict[str, Any]:
+    """SearchContext keywords for the config's executor and engine sections."""
+    engine = config.engine
+    return {
+        "evaluator": make_evaluator(config, scorer),
+        "staging": Staging(engine.stage_sequences, engine.stage_keep) if engine.staged else None,
+        "racing": engine.racing and config.executor.kind == "inprocess",
+        "select_strategies": tuple(engine.select_strategies),
+    }

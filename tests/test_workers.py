@@ -1,0 +1,109 @@
+"""Executors: process and Ray workers score masks with the in-process numbers; a killed Ray worker loses nothing."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+
+import optuna
+import pytest
+import torch
+import yaml
+
+from objectives.budgets import sublayer_costs
+from search.config import load_config
+from search.context import SearchContext
+from search.strategies import STRATEGIES
+from search.workers import ProcessEvaluator, RayEvaluator, build_scorer, context_options, split_batch
+from surgery.mask import KeepMask
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def config(tmp_path, stories_path, text_path):
+    """A small stories260k study: 4 calibration sequences of 32 tokens, greedy FinerCut to 20% of sublayers."""
+    text = {"files": [str(text_path)], "num_sequences": 4, "seq_len": 32}
+    data = {
+        "model": {"name": str(stories_path), "device": "cpu"},
+        "calibration": {**text, "end": 0.8},
+        "heldout": {**text, "start": 0.8},
+        "objective": "js",
+        "reference": {"batch_size": 2},
+        "budget": {"metric": "sublayers", "targets": [0.2]},
+        "strategies": [{"name": "greedy_finercut"}],
+        "executor": {"kind": "ray", "workers": 2},
+    }
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return load_config(path)
+
+
+def _greedy_trials(scorer, evaluator) -> tuple[list[tuple[str, float]], dict]:
+    study = optuna.create_study(directions=["minimize", "minimize"])
+    ctx = SearchContext(scorer=scorer, costs=sublayer_costs(scorer.model), targets=(0.2,), study=study,
+                        evaluator=evaluator)
+    results = STRATEGIES.get("greedy_finercut")().search(ctx.strategy_run("greedy_finercut"))
+    return [(t.user_attrs["mask"], t.values[0]) for t in study.trials], results
+
+
+def test_split_batch_keeps_prefix_order_and_every_mask():
+    masks = [KeepMask.dense(3).without(i) for i in (5, 0, 3, 1, 4, 2, 0)]
+    runs = split_batch(masks, 4)
+    assert [len(r) for r in runs] == [2, 2, 1, 1]
+    flat = [m for r in runs for m in r]
+    assert flat == sorted(set(masks), key=lambda m: m.bits)
+    assert split_batch(masks[:1], 4) == [masks[:1]]
+
+
+def test_context_options_build_the_in_process_engine(config):
+    config.executor.kind = "inprocess"
+    config.engine.staged = True
+    scorer = build_scorer(config)
+    options = context_options(config, scorer)
+    assert type(options["evaluator"]).__name__ == "PrefixEngine"
+    assert (options["staging"].sequences, options["staging"].keep) == (2, 4)
+    assert scorer.input_ids.shape == (4, 32)
+
+
+@pytest.mark.slow
+def test_process_workers_give_the_in_process_trials(config):
+    scorer = build_scorer(config)
+    expected = _greedy_trials(scorer, None)
+    pool = ProcessEvaluator(config, workers=2)
+    try:
+        assert _greedy_trials(scorer, pool) == expected
+        assert pool.counters.head_forwards > 0
+    finally:
+        pool.close()
+
+
+@pytest.mark.slow
+def test_ray_workers_give_the_in_process_trials_and_survive_a_killed_worker(config):
+    scorer = build_scorer(config)
+    trials, results = _greedy_trials(scorer, None)
+    assert len(trials) == 10 + 9  # two greedy steps over 10 sublayers of stories260k
+    pool = RayEvaluator(config, workers=2, resources={"CPU": 1})
+    try:
+        assert _greedy_trials(scorer, pool) == (trials, results)
+        # a large batch; one worker process is killed while it scores its half
+        masks = [KeepMask.from_removed(5, [i, j]) for i in range(10) for j in range(i + 1, 10)]
+        victim = pool.pids()[1]
+        killer = threading.Timer(0.5, os.kill, (victim, signal.SIGKILL))
+        killer.start()
+        started = time.perf_counter()
+        values = pool.score_many(masks)
+        killer.join()
+        assert victim not in pool.pids()  # Ray restarted that worker and retried its task
+        assert values == [scorer.score(m) for m in masks]
+        assert time.perf_counter() - started > 0.5
+    finally:
+        pool.close()
