@@ -77,13 +77,13 @@ def measure(name: str, mode: str, args) -> dict:
     base_rss = _rss_mb()
     if args.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     results = strategy.search(ctx.strategy_run("greedy_finercut"))
-    wall = time.perf_counter() - start
+    wall, cpu = time.perf_counter() - start, time.process_time() - cpu
     peak = (torch.cuda.max_memory_allocated() / 2**20 if args.device.startswith("cuda")
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     return {
-        "model": name, "mode": mode, "wall_s": wall, "order": strategy.order,
+        "model": name, "mode": mode, "wall_s": wall, "cpu_s": cpu, "order": strategy.order,
         "masks": {format(t, "g"): str(m) for t, m in results.items()},
         "sublayer_forwards": evaluator.counters.sublayer_forwards, "trials": len(study.trials),
         "peak_mb": peak, "base_mb": base_rss,
@@ -93,15 +93,18 @@ def measure(name: str, mode: str, args) -> dict:
 def _summary(name: str, runs: list[dict]) -> list[str]:
     by = {mode: [r for r in runs if r["mode"] == mode] for mode in MODES}
     wall = {mode: statistics.median(r["wall_s"] for r in rs) for mode, rs in by.items()}
+    cpu = {mode: statistics.median(r["cpu_s"] for r in rs) for mode, rs in by.items()}
     plain = by["plain"][0]
-    lines = [f"{name}: plain {wall['plain']:.2f} s median of {len(by['plain'])}, removal order "
+    lines = [f"{name}: plain wall {wall['plain']:.2f} s, CPU {cpu['plain']:.2f} s (medians of {len(by['plain'])}), "
+             f"removal order "
              f"{[u[0] for u in plain['order']]}, masks {plain['masks']}"]
     for mode in MODES[1:]:
         run = by[mode][0]
         same_order = all(r["order"] == plain["order"] for r in by[mode])
         same_masks = all(r["masks"] == plain["masks"] for r in by[mode])
         lines.append(
-            f"  {mode:6s}: wall {wall[mode]:.2f} s, ratio {wall[mode] / wall['plain']:.3f}; sublayer forwards "
+            f"  {mode:6s}: wall {wall[mode]:.2f} s, ratio {wall[mode] / wall['plain']:.3f}; CPU {cpu[mode]:.2f} s, "
+            f"ratio {cpu[mode] / cpu['plain']:.3f}; sublayer forwards "
             f"{run['sublayer_forwards']} / {plain['sublayer_forwards']} = "
             f"{run['sublayer_forwards'] / plain['sublayer_forwards']:.3f}; trials {run['trials']} / {plain['trials']}; "
             f"peak RSS {statistics.median(r['peak_mb'] for r in by[mode]):.0f} MB vs "
@@ -140,7 +143,8 @@ def main(argv=None) -> int:
             for repeat in range(args.repeats):
                 for mode in MODES:
                     runs.append(pool.submit(measure, name, mode, args).result())
-                    print(f"{name} repeat {repeat} {mode}: {runs[-1]['wall_s']:.2f} s", file=sys.stderr, flush=True)
+                    print(f"{name} repeat {repeat} {mode}: wall {runs[-1]['wall_s']:.2f} s, "
+                          f"CPU {runs[-1]['cpu_s']:.2f} s", file=sys.stderr, flush=True)
             print("\n".join(_summary(name, [r for r in runs if r["model"] == name])), flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps(runs, indent=1))

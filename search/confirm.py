@@ -19,7 +19,7 @@ import json
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -181,33 +181,13 @@ def _bench(model, tokenizer, settings: ConfirmSettings, progress: bool) -> dict[
                    "samples": r.samples, "metrics": r.metrics} for name, r in results.items()}
 
 
-def healed_into_dense(dense, healed, mask) -> Any:
-    """A copy of the dense model carrying the healed weights at the kept sublayers (so export_pruned can
-    re-prune it with the original mask and layer numbering)."""
-    from surgery.families import family_for
-
-    prefix = family_for(dense.config).layers + "."
-    kept = [i for i, (a, m) in enumerate(mask.layer_items()) if a or m]
-    state = {}
-    for key, value in healed.state_dict().items():
-        if key.startswith(prefix):
-            index, rest = key[len(prefix):].split(".", 1)
-            key = f"{prefix}{kept[int(index)]}.{rest}"
-        state[key] = value
-    target = copy.deepcopy(dense)
-    unexpected = target.load_state_dict(state, strict=False).unexpected_keys
-    if unexpected:
-        raise RuntimeError(f"healed weights that the dense model does not have: {unexpected[:5]}")
-    return target
-
-
 def _summary(values: dict[str, dict]) -> dict[str, float]:
     return {f"{task} {v['metric']}": v["value"] for task, v in values.items()}
 
 
 def run_candidate(cand: Candidate, ctx: dict, out: Path, progress: bool) -> dict:
     """Benchmark pruned, export it, heal, benchmark healed, export the merged healed model; the result record."""
-    from search.heal import heal
+    from search.heal import heal, healed_into_dense
     from surgery.export import export_pruned, num_params, prune_model
     from surgery.mask import KeepMask
 

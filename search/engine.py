@@ -101,6 +101,7 @@ class PrefixEngine:
         self.counters = EngineCounters()
         self._chunks: dict[tuple[int, int], _Chunk] = {}
         self._memo: dict[tuple[tuple[bool, ...], int, int], float] = {}
+        self._stand_ins: dict[tuple[int, int], dict] = {}
 
     # capture -----------------------------------------------------------------------------------------------
     def _chunk(self, start: int, count: int) -> _Chunk:
@@ -249,15 +250,29 @@ class PrefixEngine:
 
     def _call(self, index: int, hidden: torch.Tensor, chunk: _Chunk, mask: KeepMask, only: int | None = None):
         """One decoder layer under ``mask``, or only its ``only`` sublayer (the other one swapped out)."""
-        if only is not None and mask.keeps(index, 1 - only):
-            self.masker.apply(mask.without(2 * index + 1 - only))
+        swap = only is not None and mask.keeps(index, 1 - only)
+        if swap:  # the masker's stand-in for the other sublayer, set directly (no full re-apply)
+            self._set(index, self._stand_in(index, 1 - only))
         args, kwargs = chunk.calls[index]
-        out = _first(self.layers[index](hidden, *args, **kwargs))
-        if only is not None:
-            self.masker.apply(mask)
+        try:
+            out = _first(self.layers[index](hidden, *args, **kwargs))
+        finally:
+            if swap:
+                self._set(index, self.masker.originals[index][1 - only])
         kept = (mask.keeps(index, ATTN) + mask.keeps(index, FFN)) if only is None else 1
         self.counters.sublayer_forwards += kept * len(hidden)
         return out
+
+
+    def _stand_in(self, index: int, kind: int) -> dict:
+        key = (index, kind)
+        if key not in self._stand_ins:
+            self._stand_ins[key] = self.masker._stand_ins(index, kind)
+        return self._stand_ins[key]
+
+    def _set(self, index: int, modules: dict) -> None:
+        for name, module in modules.items():
+            setattr(self.layers[index], name, module)
 
 
 def make_scoring_backend(scorer: MaskScorer, *, prefix_reuse: bool = True) -> PrefixEngine | PlainBackend:

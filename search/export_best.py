@@ -2,8 +2,9 @@
 
 ``--max-params N`` keeps masks with at most N parameters and takes the best one. ``--max-removed K`` takes
 the masks removing the most sublayers allowed (K sublayers, or the fraction K of all sublayers when K < 1;
-fewer only when no evaluated mask removes exactly that many) and the best one among them. "Best" is the lowest
-held-out perplexity (default; masks the study scored on held-out text) or the lowest calibration objective.
+fewer only when no scored mask removes exactly that many) and the best one among them. "Best" is the lowest
+held-out perplexity (default; among the masks the study scored on held-out text: every strategy's results and
+the calibration Pareto front) or the lowest calibration objective (among every evaluated mask).
 """
 
 from __future__ import annotations
@@ -44,9 +45,11 @@ def removal_limit(max_removed: float, num_sublayers: int) -> int:
     return int(max_removed)
 
 
-def candidates(data: StudyData, *, max_params: float | None = None, max_removed: float | None = None) -> pd.DataFrame:
-    """Distinct evaluated masks within the budget."""
-    masks = data.trials.drop_duplicates("mask")
+def candidates(data: StudyData, *, max_params=None, max_removed=None, scored: str = "objective") -> pd.DataFrame:
+    """Distinct evaluated masks within the budget that have a value in column ``scored``."""
+    masks = data.trials.drop_duplicates("mask").dropna(subset=[scored])
+    if masks.empty:
+        raise ExportError("no evaluated mask was scored on held-out text; use --objective calibration")
     if max_params is not None:
         if "params" not in masks:
             raise ExportError("this study recorded no parameter counts; use --max-removed")
@@ -64,13 +67,9 @@ def candidates(data: StudyData, *, max_params: float | None = None, max_removed:
 
 def select(data: StudyData, *, max_params=None, max_removed=None, objective: str = "heldout_ppl") -> pd.Series:
     """The best mask within the budget by ``objective``; its row of trials.csv (first finder as strategy)."""
-    pool = candidates(data, max_params=max_params, max_removed=max_removed)
     column = "heldout_ppl" if objective == "heldout_ppl" else "objective"
-    ranked = pool.dropna(subset=[column])
-    if ranked.empty:
-        raise ExportError(f"none of the {len(pool)} masks within the budget was scored on held-out text; "
-                          "use --objective calibration")
-    return ranked.sort_values([column, "trial"], kind="stable").iloc[0]
+    pool = candidates(data, max_params=max_params, max_removed=max_removed, scored=column)
+    return pool.sort_values([column, "trial"], kind="stable").iloc[0]
 
 
 def main(args: argparse.Namespace) -> int:

@@ -246,3 +246,21 @@ def heal(pruned: nn.Module, data: torch.Tensor, settings: HealSettings, *, teach
     losses, lm_losses = train(trained, data, settings, teacher=teacher, progress=progress)
     merged = merge_into(pruned, trained, config)
     return HealResult(merged, losses, lm_losses, time.perf_counter() - started, trainable, mode, targets)
+
+
+def healed_into_dense(dense: nn.Module, healed: nn.Module, mask) -> nn.Module:
+    """A copy of the dense model carrying the healed weights at the kept sublayers (so export_pruned can
+    re-prune it with the original mask and layer numbering)."""
+    prefix = family_for(dense.config).layers + "."
+    kept = [i for i, (a, m) in enumerate(mask.layer_items()) if a or m]
+    state = {}
+    for key, value in healed.state_dict().items():
+        if key.startswith(prefix):
+            index, rest = key[len(prefix):].split(".", 1)
+            key = f"{prefix}{kept[int(index)]}.{rest}"
+        state[key] = value
+    target = copy.deepcopy(dense)
+    unexpected = target.load_state_dict(state, strict=False).unexpected_keys
+    if unexpected:
+        raise RuntimeError(f"healed weights that the dense model does not have: {unexpected[:5]}")
+    return target

@@ -197,7 +197,9 @@ def _md_table(frame: pd.DataFrame) -> str:
     def cell(value) -> str:
         if value is None or (isinstance(value, float) and pd.isna(value)):
             return "-"
-        return f"{value:.4g}" if isinstance(value, float) else str(value).replace("|", "\\|")
+        if isinstance(value, float):
+            return f"{value:.0f}" if value.is_integer() and abs(value) >= 1e4 else f"{value:.4g}"
+        return str(value).replace("|", "\\|")
 
     head = "| " + " | ".join(frame.columns) + " |\n|" + "---|" * len(frame.columns)
     body = ["| " + " | ".join(cell(v) for v in row) + " |" for row in frame.itertuples(index=False)]

@@ -220,3 +220,63 @@ def context_options(config: StudyConfig, scorer) -> dict[str, Any]:
         "racing": engine.racing and config.executor.kind == "inprocess",
         "select_strategies": tuple(engine.select_strategies),
     }
+
+
+# Ray Tune: an Optuna sampler's trials as Tune trials ---------------------------------------------------------
+PENALTY = 1e9  # objective of a mask over the budget (not evaluated)
+_TUNE_STATE: dict[str, WorkerState] = {}  # per Tune worker process (reuse_actors keeps the process)
+
+
+def _tune_trial(params: dict, *, config: StudyConfig, costs, target: float) -> dict:
+    mask = KeepMask(tuple(bool(params[f"keep_{i}"]) for i in range(len(costs.per_sublayer))))
+    if not costs.feasible(mask, target):
+        return {"objective": PENALTY, "mask": str(mask), "feasible": False}
+    key = config.model_dump_json()
+    if key not in _TUNE_STATE:
+        _TUNE_STATE[key] = WorkerState(config, int(config.executor.resources_per_worker.get("CPU", 1)) or 1)
+    state = _TUNE_STATE[key]
+    value = state.score([str(mask)], None)[0][0]
+    return {"objective": value, "mask": str(mask), "feasible": True, "pid": os.getpid()}
+
+
+def tune_sampler(config: StudyConfig, *, costs, target: float, sampler, n_trials: int,
+                 warm_start: Sequence[KeepMask] = (), storage_path: str | None = None) -> list[dict]:
+    """Run ``n_trials`` masks proposed by ``sampler`` (OptunaSearch) as Ray Tune trials on ``executor.workers``
+    workers (each loads the model once); returns each finished trial's result dict (objective, mask, feasible).
+    A trial whose worker dies is retried (``FailureConfig(max_failures=2)``)."""
+    _ray(config.executor.address)
+    from ray import tune
+    from ray.tune.search.optuna import OptunaSearch
+
+    sublayers = len(costs.per_sublayer)
+
+    def space(trial) -> None:
+        for i in range(sublayers):
+            trial.suggest_categorical(f"keep_{i}", [0, 1])
+
+    points = [{f"keep_{i}": int(b) for i, b in enumerate(m.bits)} for m in warm_start]
+    search = OptunaSearch(space=space, metric="objective", mode="min", sampler=sampler,
+                          points_to_evaluate=points or None)
+    options = ray_options(config.executor.resources_per_worker)
+    resources = {"cpu": options["num_cpus"], "gpu": options["num_gpus"], **options.get("resources", {})}
+    trainable = tune.with_resources(
+        tune.with_parameters(_tune_trial, config=config, costs=costs, target=target), resources)
+    tuner = tune.Tuner(
+        trainable,
+        tune_config=tune.TuneConfig(search_alg=search, num_samples=n_trials, reuse_actors=True,
+                                    max_concurrent_trials=config.executor.workers),
+        run_config=tune.RunConfig(storage_path=storage_path, verbose=0,
+                                  failure_config=tune.FailureConfig(max_failures=2)),
+    )
+    return [result.metrics for result in tuner.fit() if result.error is None]
+
+
+def record_tune_results(run, results: list[dict], target: float) -> list[tuple[KeepMask, float]]:
+    """Record Tune results as trials of ``run``'s strategy in the main study (no forward pass)."""
+    finished = []
+    for result in results:
+        if result.get("feasible"):
+            mask = KeepMask.parse(result["mask"])
+            run.ctx._values.setdefault(str(mask), float(result["objective"]))
+            finished.append((mask, run.evaluate(mask, target)))
+    return finished

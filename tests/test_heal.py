@@ -59,7 +59,7 @@ def test_healed_model_is_plain_transformers_and_pruned_is_untouched(pruned, heal
 def test_exported_healed_model_reproduces_in_memory_logits(stories, pruned, healed, stories_ids, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from search.confirm import healed_into_dense
+    from search.heal import healed_into_dense
     from surgery.export import export_pruned
 
     dense, tokenizer = stories

@@ -42,6 +42,10 @@ class Evolutionary(Strategy):
         self.init = check_choice("init", init, ("random", "study"))
         self.seed = check_int("seed", seed, minimum=0, allow_none=True)
 
+    def expected_evaluations(self, ctx) -> int:
+        """Upper bound of full evaluations (a small space stops earlier), for progress bars."""
+        return len(ctx.targets) * (1 + self.generations * self.survivors)
+
     def search(self, run) -> Results:
         seed = run.seed if self.seed is None else self.seed
         return {target: self._evolve(run, target, random.Random(f"{seed}:{target}")) for target in targets(run)}

@@ -19,6 +19,9 @@ class Exhaustive(Strategy):
     def __init__(self, *, max_masks: int = 4096):
         self.max_masks = check_int("max_masks", max_masks)
 
+    def expected_evaluations(self, ctx) -> int:
+        return 2 ** (2 * ctx.num_layers)  # upper bound: masks meeting no target are skipped
+
     def search(self, run) -> Results:
         sublayers = 2 * run.num_layers
         size = 2**sublayers

@@ -36,6 +36,11 @@ class GreedyRemoval(Strategy):
             if mask.keeps(layer, kind)
         ]
 
+    def expected_evaluations(self, ctx) -> int:
+        """Upper bound (every unit removed), for progress bars."""
+        units = len(self.units(ctx.dense()))
+        return units * (units + 1) // 2 + len(ctx.targets)
+
     def search(self, run) -> Results:
         if self.expected_objective and objective_name(run) != self.expected_objective:
             run.note(f"{run.strategy}: scored by the study objective {objective_name(run)!r} "

@@ -75,6 +75,9 @@ class ShortenedLlama(Strategy):
     def __init__(self):
         self.scores: list[float] = []
 
+    def expected_evaluations(self, ctx) -> int:
+        return ctx.num_layers + len(ctx.targets)
+
     def search(self, run) -> Results:
         if objective_name(run) != "ppl":
             run.note(f"{run.strategy}: ranked by the study objective {objective_name(run)!r} (the method's is 'ppl')")

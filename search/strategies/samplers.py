@@ -63,6 +63,10 @@ class OptunaSampling(Strategy):
     def sampler(self, seed: int) -> optuna.samplers.BaseSampler:
         raise NotImplementedError
 
+    def expected_evaluations(self, ctx) -> int:
+        """Upper bound (trials over the budget are not evaluated), for progress bars."""
+        return (self.n_trials + 1) * len(ctx.targets)
+
     def working_study(self, run, name: str, seed: int, directions: list[str]) -> optuna.Study:
         main = run.ctx.study
         return optuna.create_study(
@@ -149,13 +153,16 @@ class NSGA2(OptunaSampling):
     """One multi-objective study (objective, fraction of the dense cost kept); the loosest target is the
     constraint; each target's answer is the best of its trials that meet it."""
 
-    def __init__(self, *, n_trials: int = 200, population_size: int = 24, warm_start: int = 4,
+    def __init__(self, *, n_trials: int = 400, population_size: int = 40, warm_start: int = 4,
                  seed: int | None = None):
         super().__init__(n_trials=n_trials, warm_start=warm_start, seed=seed)
         self.population_size = check_int("population_size", population_size, minimum=2)
 
     def sampler(self, seed: int) -> optuna.samplers.BaseSampler:
         return optuna.samplers.NSGAIISampler(seed=seed, population_size=self.population_size)
+
+    def expected_evaluations(self, ctx) -> int:
+        return self.n_trials + len(ctx.targets)
 
     def search(self, run) -> Results:
         seed = run.seed if self.seed is None else self.seed
