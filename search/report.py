@@ -324,13 +324,20 @@ def plot_layers_png(data: StudyData, front: pd.DataFrame, path: Path) -> Path:
     fig, axis = plt.subplots(figsize=(max(6, 0.35 * 2 * layers + 3), max(2.5, 0.35 * len(rows) + 1.5)))
     axis.imshow(grid, cmap="Reds", vmin=0, vmax=1.4, aspect="auto")
     axis.set_xticks(range(2 * layers), [f"L{i // 2}.{'AM'[i % 2]}" for i in range(2 * layers)], rotation=90, fontsize=7)
-    labels = [f"{r.strategy} ({r.heldout_ppl:.3g})" if "heldout_ppl" in rows else r.strategy for r in rows.itertuples()]
+    size = data.size_metric
+    labels = [f"{_short(r.strategy)} | {getattr(r, size):.4g} {size} | ppl {r.heldout_ppl:.3g}" if size in rows
+              else r.strategy for r in rows.itertuples()]
     axis.set_yticks(range(len(rows)), labels, fontsize=7)
     axis.set(xlabel="sublayer (A attention, M FFN); red = removed", title="removed sublayers of each front mask")
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=120))
     plt.close(fig)
     return path
+
+
+def _short(finders: str) -> str:
+    names = finders.split("+")
+    return finders if len(names) <= 2 else f"{names[0]}+{len(names) - 1} more"
 
 
 # everything ------------------------------------------------------------------------------------------------

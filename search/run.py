@@ -289,6 +289,7 @@ def _store_meta(study: optuna.Study, config: StudyConfig, ctx: SearchContext, co
 
 def execute(config: StudyConfig, *, progress: bool = True) -> int:
     from objectives.scorer import MaskScorer
+    from search.workers import context_options
     from surgery.load import load_model
 
     name, _ = model_source(config)
@@ -316,6 +317,7 @@ def execute(config: StudyConfig, *, progress: bool = True) -> int:
         scorer=scorer, costs=costs[config.budget.metric], targets=tuple(config.budget.targets), study=study,
         seed=config.seed, extra_costs=tuple(t for n, t in costs.items() if n != config.budget.metric),
         constraints=tuple((costs[n], kept) for n, kept in config.budget.constraints.items()),
+        **context_options(config, scorer),
     )
     _store_meta(study, config, ctx, costs)
     outer = tqdm(config.strategies, desc="strategies", unit="strategy", disable=not progress)

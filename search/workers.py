@@ -227,6 +227,17 @@ PENALTY = 1e9  # objective of a mask over the budget (not evaluated)
 _TUNE_STATE: dict[str, WorkerState] = {}  # per Tune worker process (reuse_actors keeps the process)
 
 
+class KeepSpace:
+    """OptunaSearch's define-by-run space: one 0/1 keep bit per sublayer (a class, so Tune can pickle it)."""
+
+    def __init__(self, sublayers: int):
+        self.sublayers = sublayers
+
+    def __call__(self, trial) -> None:
+        for i in range(self.sublayers):
+            trial.suggest_categorical(f"keep_{i}", [0, 1])
+
+
 def _tune_trial(params: dict, *, config: StudyConfig, costs, target: float) -> dict:
     mask = KeepMask(tuple(bool(params[f"keep_{i}"]) for i in range(len(costs.per_sublayer))))
     if not costs.feasible(mask, target):
@@ -248,12 +259,7 @@ def tune_sampler(config: StudyConfig, *, costs, target: float, sampler, n_trials
     from ray import tune
     from ray.tune.search.optuna import OptunaSearch
 
-    sublayers = len(costs.per_sublayer)
-
-    def space(trial) -> None:
-        for i in range(sublayers):
-            trial.suggest_categorical(f"keep_{i}", [0, 1])
-
+    space = KeepSpace(len(costs.per_sublayer))
     points = [{f"keep_{i}": int(b) for i, b in enumerate(m.bits)} for m in warm_start]
     search = OptunaSearch(space=space, metric="objective", mode="min", sampler=sampler,
                           points_to_evaluate=points or None)

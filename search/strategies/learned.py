@@ -32,6 +32,7 @@ every calibration sequence), comparable with greedy FinerCut's evaluation count.
 from __future__ import annotations
 
 import math
+from collections import Counter
 from dataclasses import dataclass
 
 import torch
@@ -76,9 +77,10 @@ class HardConcrete(nn.Module):
 
 @dataclass
 class Trained:
-    """Result of one training run: gate scores and the last step's statistics."""
+    """Result of one training run: final gate scores, candidate masks, last-step statistics."""
 
     scores: tuple[float, ...]
+    candidates: tuple[KeepMask, ...]  # roundings seen over the last half of training, most frequent first
     objective: float
     expected_removed: float
     steps: int
@@ -127,13 +129,14 @@ class LearnedMasks(Strategy):
     def __init__(
         self,
         *,
-        steps: int = 150,
+        steps: int = 100,
         lr: float = 0.1,
         lambda_lr: float = 1.0,
         temperature: float = 2 / 3,
         init_keep: float = 0.9,
-        batch: int = 4,
+        batch: int = 8,
         warmup: float = 0.2,
+        candidates: int = 4,
         seed: int | None = None,
         progress: bool = True,
     ):
@@ -144,46 +147,51 @@ class LearnedMasks(Strategy):
         _check("init_keep", init_keep, _is_real(init_keep) and 0 < init_keep < 1, "a probability in (0, 1)")
         _check("batch", batch, _is_int(batch) and batch >= 1, "an integer >= 1 (calibration sequences per step)")
         _check("warmup", warmup, _is_real(warmup) and 0 <= warmup <= 1, "a fraction of the steps in [0, 1]")
+        _check("candidates", candidates, _is_int(candidates) and candidates >= 1, "an integer >= 1")
         _check("seed", seed, seed is None or _is_int(seed), "an integer or null (the study seed)")
         _check("progress", progress, isinstance(progress, bool), "true or false")
         self.steps, self.lr, self.lambda_lr = steps, float(lr), float(lambda_lr)
         self.temperature, self.init_keep, self.batch = float(temperature), float(init_keep), batch
+        self.candidates = candidates
         self.warmup, self.seed, self.progress = float(warmup), seed, progress
 
     def search(self, run: StrategyRun) -> dict[float, KeepMask | None]:
         results: dict[float, KeepMask | None] = {}
         for number, target in enumerate(run.ctx.targets):
             try:
-                limit = run.ctx.costs.limit(target)
+                run.ctx.costs.limit(target)
             except BudgetError as error:
                 run.note(f"learned: target {target:g} skipped: {error}")
                 results[target] = None
                 continue
-            trained = self.train(run.ctx, limit, seed=(run.seed if self.seed is None else self.seed) + number)
+            trained = self.train(run.ctx, target, seed=(run.seed if self.seed is None else self.seed) + number)
             results[target] = self._finish(run, target, trained)
         return results
 
     def _finish(self, run: StrategyRun, target: float, trained: Trained) -> KeepMask | None:
+        """Account the training cost, evaluate the candidate roundings, return the best."""
         ctx = run.ctx
-        mask = round_to_budget(trained.scores, ctx, target)
         sequence_forwards = BACKWARD_FACTOR * trained.steps * trained.sequences
         run.forwards += sequence_forwards
-        equivalent = sequence_forwards / len(ctx.scorer.input_ids)
         summary = (
             f"learned target {target:g}: {trained.steps} steps x {trained.sequences} sequences forward+backward "
-            f"= {equivalent:.0f} evaluations-equivalent; final objective {trained.objective:.4g}, expected "
-            f"{trained.expected_removed:.1%} removed"
+            f"= {sequence_forwards / len(ctx.scorer.input_ids):.0f} evaluations-equivalent; final objective "
+            f"{trained.objective:.4g}, expected {trained.expected_removed:.1%} removed"
         )
-        if mask is None:
+        if not trained.candidates:
             run.note(f"{summary}; no mask meets the budget and constraints")
             return None
-        value = run.evaluate(mask, target)
-        run.note(f"{summary}; rounded to {mask} ({ctx.costs.removed_fraction(mask):.1%} removed), objective {value:.4g}")
-        return mask
+        values = run.evaluate_many(trained.candidates, target)
+        value, best = min(zip(values, trained.candidates), key=lambda pair: pair[0])
+        run.note(
+            f"{summary}; best of {len(values)} rounding(s): {best} ({ctx.costs.removed_fraction(best):.1%} removed), "
+            f"objective {value:.4g}"
+        )
+        return best
 
-    def train(self, ctx: SearchContext, limit: float, *, seed: int) -> Trained:
-        """Train gates for one cost limit; deterministic given ``seed``."""
-        scorer, costs = ctx.scorer, ctx.costs
+    def train(self, ctx: SearchContext, target: float, *, seed: int) -> Trained:
+        """Train gates for one budget target; deterministic given ``seed``."""
+        scorer, costs, limit = ctx.scorer, ctx.costs, ctx.costs.limit(target)
         generator = torch.Generator().manual_seed(seed)
         gates = HardConcrete(len(costs.per_sublayer), beta=self.temperature, init_keep=self.init_keep)
         lambdas = torch.zeros(2, requires_grad=True)
@@ -191,8 +199,8 @@ class LearnedMasks(Strategy):
         ascent = torch.optim.SGD([lambdas], lr=self.lambda_lr, maximize=True)
         sublayer_cost = torch.tensor(costs.per_sublayer, dtype=torch.float32)
         batches = _batches(len(scorer.input_ids), min(self.batch, len(scorer.input_ids)), generator)
-        bar = tqdm(range(self.steps), desc=f"learned {1 - limit / costs.dense:.0%}", disable=not self.progress, leave=False)
-        objective, expected = float("nan"), float("nan")
+        bar = tqdm(range(self.steps), desc=f"learned {target:.0%}", disable=not self.progress, leave=False)
+        seen: Counter[KeepMask] = Counter()
         with frozen(scorer.model), SublayerGates(scorer.model) as hooks, torch.enable_grad():
             for step in bar:
                 sequences = next(batches)
@@ -200,18 +208,19 @@ class LearnedMasks(Strategy):
                 loss = self._objective(scorer, sequences)
                 cost = costs.fixed + (gates.keep_prob() * sublayer_cost).sum()
                 gap = (cost - self._limit_at(step, limit, costs.dense)) / costs.dense
-                total = loss + lambdas[0] * gap + lambdas[1] * gap**2
                 optimizer.zero_grad()
                 ascent.zero_grad()
-                total.backward()
+                (loss + lambdas[0] * gap + lambdas[1] * gap**2).backward()
                 optimizer.step()
                 ascent.step()
-                objective, expected = float(loss.detach()), 1 - float(cost.detach()) / costs.dense
+                if 2 * step >= self.steps:
+                    seen[round_to_budget(gates.log_alpha.tolist(), ctx, target)] += 1
+                objective, removed = float(loss.detach()), 1 - float(cost.detach()) / costs.dense
                 if step % 10 == 0 or step == self.steps - 1:
-                    bar.set_postfix(objective=f"{objective:.4f}", removed=f"{expected:.1%}")
+                    bar.set_postfix(objective=f"{objective:.4f}", removed=f"{removed:.1%}")
         bar.close()
-        scores = tuple(float(a) for a in gates.log_alpha.detach())
-        return Trained(scores, objective, expected, self.steps, len(sequences))
+        candidates = tuple(m for m, _ in seen.most_common(self.candidates) if m is not None)
+        return Trained(tuple(gates.log_alpha.tolist()), candidates, objective, removed, self.steps, len(sequences))
 
     def _limit_at(self, step: int, limit: float, dense: float) -> float:
         """The cost target of a step: from dense down to ``limit`` over the warm-up, then ``limit``."""
