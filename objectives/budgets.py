@@ -15,6 +15,7 @@ from torch import nn
 
 from surgery.families import family_for, get_path, kv_shape
 from surgery.mask import KeepMask
+from surgery.masking import masked
 
 from .registry import Registry
 
@@ -71,8 +72,14 @@ def _num_params(modules) -> int:
 def param_costs(model: nn.Module) -> CostTable:
     """Exact parameter counts: a sublayer owns its module(s) and the norms that feed only it."""
     family = family_for(model.config)
+    layers = get_path(model, family.layers)
+    with masked(model, KeepMask.dense(len(layers))):  # count the real modules even while a mask is applied
+        return _param_table(model, family, layers)
+
+
+def _param_table(model: nn.Module, family, layers) -> CostTable:
     per_sublayer: list[float] = []
-    for layer in get_path(model, family.layers):
+    for layer in layers:
         attn = [getattr(layer, family.attn)] + [getattr(layer, n) for n in family.attn_norms]
         ffn = [getattr(layer, n) for n in family.ffn + family.ffn_norms]
         per_sublayer += [_num_params(attn), _num_params(ffn)]

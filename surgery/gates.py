@@ -97,8 +97,14 @@ def mask_values(mask: KeepMask) -> torch.Tensor:
 
 @contextmanager
 def frozen(model: nn.Module) -> Iterator[nn.Module]:
-    """Every parameter's ``requires_grad`` off inside the block, each one's previous flag restored afterwards."""
-    flags = [(p, p.requires_grad) for p in model.parameters()]
+    """Every parameter's ``requires_grad`` off inside the block, each one's previous flag restored afterwards.
+
+    Sublayers swapped out by an active runtime mask are included: gates put them back into the model.
+    """
+    masker = model.__dict__.get("_depthsearch_masker")
+    swapped = [m for pair in masker.originals for part in pair for m in part.values()] if masker else []
+    params = {id(p): p for module in [model, *swapped] for p in module.parameters()}
+    flags = [(p, p.requires_grad) for p in params.values()]
     for p, _ in flags:
         p.requires_grad_(False)
     try:

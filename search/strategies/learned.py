@@ -80,7 +80,7 @@ class Trained:
     """Result of one training run: final gate scores, candidate masks, last-step statistics."""
 
     scores: tuple[float, ...]
-    candidates: tuple[KeepMask, ...]  # roundings seen over the last half of training, most frequent first
+    candidates: tuple[KeepMask, ...]  # final rounding, then the most frequent ones over the last half of training
     objective: float
     expected_removed: float
     steps: int
@@ -201,7 +201,7 @@ class LearnedMasks(Strategy):
         batches = _batches(len(scorer.input_ids), min(self.batch, len(scorer.input_ids)), generator)
         bar = tqdm(range(self.steps), desc=f"learned {target:.0%}", disable=not self.progress, leave=False)
         seen: Counter[KeepMask] = Counter()
-        with frozen(scorer.model), SublayerGates(scorer.model) as hooks, torch.enable_grad():
+        with SublayerGates(scorer.model) as hooks, frozen(scorer.model), torch.enable_grad():
             for step in bar:
                 sequences = next(batches)
                 hooks.values = gates.sample(generator)
@@ -219,7 +219,9 @@ class LearnedMasks(Strategy):
                 if step % 10 == 0 or step == self.steps - 1:
                     bar.set_postfix(objective=f"{objective:.4f}", removed=f"{removed:.1%}")
         bar.close()
-        candidates = tuple(m for m, _ in seen.most_common(self.candidates) if m is not None)
+        final = round_to_budget(gates.log_alpha.tolist(), ctx, target)
+        ranked = dict.fromkeys([final] + [m for m, _ in seen.most_common()])
+        candidates = tuple(m for m in ranked if m is not None)[: self.candidates]
         return Trained(tuple(gates.log_alpha.tolist()), candidates, objective, removed, self.steps, len(sequences))
 
     def _limit_at(self, step: int, limit: float, dense: float) -> float:
