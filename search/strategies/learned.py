@@ -14,14 +14,16 @@ estimator would need a biased gradient for the gate and a separate relaxation fo
 
 Loss per step, on ``batch`` calibration sequences: the study's objective (KL(dense || gated) by default, from
 the cached dense reference of the scorer) plus Sheared-LLaMA's Lagrangian ``lambda_1 d + lambda_2 d^2`` with
-``d = (expected cost - limit) / dense cost``. Gates descend (Adam, ``lr``); the multipliers ascend
-(``lambda_lr``), which drives the expected cost onto the target rather than merely under it.
+``d = (expected cost - limit) / dense cost``, the limit ramped from the dense cost over the first ``warmup``
+fraction of steps. Gates descend (Adam, ``lr``); the multipliers ascend (``lambda_lr``), which drives the
+expected cost onto the target rather than merely under it.
 
 Rounding: sublayers are kept in order of their learned ``log_alpha`` (the deterministic gate's order) while the
 mask stays feasible (budget target and every extra constraint of the study); a sublayer that no longer fits is
 skipped, so a large high-score sublayer can make room for smaller ones below it. The mask thus fills the budget
-as closely as the gate order allows. It is evaluated with ``run.evaluate`` and so recorded as a trial of this
-strategy in the main study; the Optuna sampler strategies warm-start from the best feasible masks of that
+as closely as the gate order allows. The rounding of the final gates and the most frequent roundings over the
+last half of training (``candidates`` in all) are evaluated with ``run.evaluate``, so recorded as trials of this
+strategy in the main study, and the best is returned; the Optuna sampler strategies warm-start from the best feasible masks of that
 study, so recording is all the enqueueing needed.
 
 Cost: one step is ``batch`` sequences forward and backward, about 3 forwards each. The training cost is added
