@@ -89,7 +89,8 @@ def main(args: argparse.Namespace) -> int:
     out = export_pruned(model, tokenizer, KeepMask.parse(best["mask"]), Path(args.out),
                         source=config.model.name, metrics=metrics, force=args.force)
     ppl = "-" if pd.isna(best["heldout_ppl"]) else f"{best['heldout_ppl']:.4g}"
-    print(f"exported {best['mask']} (found by {best['strategy']}, {metrics.get('params', '?')} params, "
+    size = int(best['params']) if 'params' in best else '?'
+    print(f"exported {best['mask']} (found by {best['strategy']}, {size} params, "
           f"held-out ppl {ppl}) to {out}")
     return 0
 

@@ -1,8 +1,9 @@
 """Differentiable sublayer gates: scale each sublayer's residual contribution by a gate value.
 
 Inside ``with SublayerGates(model) as gates:`` the model computes, for every layer,
-``h = h + g_A * attn(norm(h)); h = h + g_M * ffn(norm(h))`` with ``g = gates.values`` (a tensor of 2L values,
-flat index ``2*layer + kind`` like :class:`~surgery.mask.KeepMask`). Gates are forward hooks on the module
+``h = h + g_A * attn(norm(h)); h = h + g_M * ffn(norm(h))`` with ``g = gates.values``: a tensor of 2L values
+(flat index ``2*layer + kind`` like :class:`~surgery.mask.KeepMask`), or of shape ``(batch, 2L)`` for one gate
+pattern per sequence of the batch. Gates are forward hooks on the module
 whose output joins the residual stream (the attention module, the family's last FFN module, e.g. OPT's
 ``fc2``, or the sublayer's post-norm when it has one, as Gemma2 does), so they work for every family in
 :data:`~surgery.families.FAMILIES` and gradients flow into ``values``. Leaving the block removes the hooks
@@ -52,7 +53,9 @@ class SublayerGates:
 
     def _hook(self, index: int):
         def scale(module, args, output):
-            gate = self.values[index]
+            gate = self.values[..., index]
+            if gate.dim() == 1:  # one gate per sequence: broadcast over positions and features
+                gate = gate.view(-1, *[1] * ((output[0] if isinstance(output, tuple) else output).dim() - 1))
             if isinstance(output, tuple):  # attention returns (output, weights, ...)
                 return (output[0] * gate.to(output[0].dtype), *output[1:])
             return output * gate.to(output.dtype)
@@ -63,8 +66,10 @@ class SublayerGates:
         """Register the hooks (on the dense modules: an active runtime mask is lifted until :meth:`detach`)."""
         if self._handles:
             raise RuntimeError("gates are already attached")
-        if len(self.values) != self.num_sublayers:
-            raise ValueError(f"gate values have {len(self.values)} entries; the model has {self.num_sublayers} sublayers")
+        if self.values.shape[-1] != self.num_sublayers:
+            raise ValueError(
+                f"gate values have {self.values.shape[-1]} entries; the model has {self.num_sublayers} sublayers"
+            )
         masker = masker_for(self.model)
         self._previous_mask = masker.current
         masker.restore()

@@ -51,30 +51,65 @@ from .base import Strategy, StrategySettingsError, register
 
 STRETCH = (-0.1, 1.1)
 BACKWARD_FACTOR = 3  # forward + backward ~ 3 forwards
+SHIFT_RANGE = 30.0  # bound of the budget shift added to every log_alpha
 
 
 class HardConcrete(nn.Module):
-    """One hard-concrete gate per sublayer: ``log_alpha`` parameters, temperature ``beta``, stretch (l, r)."""
+    """One hard-concrete gate per sublayer: ``log_alpha`` parameters, temperature ``beta``, stretch (l, r).
 
-    def __init__(self, n: int, *, beta: float, init_keep: float):
+    Every method takes a ``shift`` added to all ``log_alpha`` (the budget shift of :func:`budget_shift`).
+    """
+
+    def __init__(self, n: int, *, beta: float):
         super().__init__()
         self.beta = beta
-        self.log_alpha = nn.Parameter(torch.full((n,), math.log(init_keep / (1 - init_keep))))
+        self.log_alpha = nn.Parameter(torch.zeros(n))
 
-    def sample(self, generator: torch.Generator) -> torch.Tensor:
+    def sample(self, generator: torch.Generator, shift=0.0, count: int | None = None) -> torch.Tensor:
+        """Gate values, shape ``(n,)`` or ``(count, n)`` (independent samples)."""
         low, high = STRETCH
-        u = torch.rand(self.log_alpha.shape, generator=generator).clamp(1e-6, 1 - 1e-6)
-        s = torch.sigmoid((u.log() - (-u).log1p() + self.log_alpha) / self.beta)
+        shape = self.log_alpha.shape if count is None else (count, *self.log_alpha.shape)
+        u = torch.rand(shape, generator=generator).clamp(1e-6, 1 - 1e-6)
+        s = torch.sigmoid((u.log() - (-u).log1p() + self.log_alpha + shift) / self.beta)
         return (s * (high - low) + low).clamp(0.0, 1.0)
 
-    def deterministic(self) -> torch.Tensor:
+    def deterministic(self, shift=0.0) -> torch.Tensor:
         low, high = STRETCH
-        return (torch.sigmoid(self.log_alpha) * (high - low) + low).clamp(0.0, 1.0)
+        return (torch.sigmoid(self.log_alpha + shift) * (high - low) + low).clamp(0.0, 1.0)
 
-    def keep_prob(self) -> torch.Tensor:
+    def keep_prob(self, shift=0.0, log_alpha: torch.Tensor | None = None) -> torch.Tensor:
         """P(z != 0) per gate."""
         low, high = STRETCH
-        return torch.sigmoid(self.log_alpha - self.beta * math.log(-low / high))
+        log_alpha = self.log_alpha if log_alpha is None else log_alpha
+        return torch.sigmoid(log_alpha + shift - self.beta * math.log(-low / high))
+
+
+def budget_shift(gates: HardConcrete, costs: torch.Tensor, fixed: float, limit: float) -> torch.Tensor:
+    """The shift b with expected cost ``fixed + sum_i P_i(b) costs_i == limit``, differentiable in log_alpha.
+
+    b is found by bisection on the detached gates, then one Newton step on the live gates: its value is b and
+    its gradient the implicit one, ``db/dlog_alpha_i = -(dE/dlog_alpha_i) / (dE/db)``. When even b = +30 keeps
+    the cost under the limit (no pressure), or b = -30 cannot reach it, the bound is returned as a constant.
+    """
+    log_alpha = gates.log_alpha.detach()
+
+    def expected(shift: float) -> float:
+        return fixed + float((gates.keep_prob(shift, log_alpha) * costs).sum())
+
+    low, high = -SHIFT_RANGE, SHIFT_RANGE
+    if expected(high) <= limit:
+        return torch.tensor(high)
+    if expected(low) >= limit:
+        return torch.tensor(low)
+    for _ in range(50):
+        middle = (low + high) / 2
+        low, high = (low, middle) if expected(middle) > limit else (middle, high)
+    shift = (low + high) / 2
+    prob = gates.keep_prob(shift)
+    slope = float((prob * (1 - prob) * costs).sum().detach())
+    if slope <= 1e-12:
+        return torch.tensor(shift)
+    return shift + (limit - fixed - (prob * costs).sum()) / slope
 
 
 @dataclass
@@ -126,36 +161,36 @@ def _is_real(value) -> bool:
 
 @register("learned")
 class LearnedMasks(Strategy):
-    """Hard-concrete gates with a Lagrangian budget term, one training run per target, rounded to the budget."""
+    """Hard-concrete gates held at the budget by a shift, one training run per target, rounded to the budget."""
 
     def __init__(
         self,
         *,
         steps: int = 100,
         lr: float = 0.1,
-        lambda_lr: float = 1.0,
         temperature: float = 2 / 3,
-        init_keep: float = 0.9,
+        final_temperature: float | None = None,
         batch: int = 8,
         warmup: float = 0.2,
         candidates: int = 4,
+        per_sequence: bool = True,
         seed: int | None = None,
         progress: bool = True,
     ):
         _check("steps", steps, _is_int(steps) and steps >= 1, "an integer >= 1")
         _check("lr", lr, _is_real(lr) and lr > 0, "a positive number")
-        _check("lambda_lr", lambda_lr, _is_real(lambda_lr) and lambda_lr >= 0, "a number >= 0")
         _check("temperature", temperature, _is_real(temperature) and temperature > 0, "a positive number")
-        _check("init_keep", init_keep, _is_real(init_keep) and 0 < init_keep < 1, "a probability in (0, 1)")
+        final = temperature if final_temperature is None else final_temperature
+        _check("final_temperature", final_temperature, _is_real(final) and final > 0, "a positive number or null")
         _check("batch", batch, _is_int(batch) and batch >= 1, "an integer >= 1 (calibration sequences per step)")
         _check("warmup", warmup, _is_real(warmup) and 0 <= warmup <= 1, "a fraction of the steps in [0, 1]")
         _check("candidates", candidates, _is_int(candidates) and candidates >= 1, "an integer >= 1")
         _check("seed", seed, seed is None or _is_int(seed), "an integer or null (the study seed)")
         _check("progress", progress, isinstance(progress, bool), "true or false")
-        self.steps, self.lr, self.lambda_lr = steps, float(lr), float(lambda_lr)
-        self.temperature, self.init_keep, self.batch = float(temperature), float(init_keep), batch
-        self.candidates = candidates
+        self.steps, self.lr, self.batch, self.candidates = steps, float(lr), batch, candidates
+        self.temperature, self.final_temperature = float(temperature), float(final)
         self.warmup, self.seed, self.progress = float(warmup), seed, progress
+        self.per_sequence = per_sequence
 
     def search(self, run: StrategyRun) -> dict[float, KeepMask | None]:
         results: dict[float, KeepMask | None] = {}
@@ -175,10 +210,11 @@ class LearnedMasks(Strategy):
         ctx = run.ctx
         sequence_forwards = BACKWARD_FACTOR * trained.steps * trained.sequences
         run.forwards += sequence_forwards
+        equivalent = sequence_forwards / len(ctx.scorer.input_ids)
         summary = (
-            f"learned target {target:g}: {trained.steps} steps x {trained.sequences} sequences forward+backward "
-            f"= {sequence_forwards / len(ctx.scorer.input_ids):.0f} evaluations-equivalent; final objective "
-            f"{trained.objective:.4g}, expected {trained.expected_removed:.1%} removed"
+            f"learned target {target:g}: training {trained.steps} steps x {trained.sequences} sequences "
+            f"forward+backward (~{BACKWARD_FACTOR} forwards each) = {equivalent:.0f} evaluations-equivalent; "
+            f"final objective {trained.objective:.4g}, expected {trained.expected_removed:.1%} removed"
         )
         if not trained.candidates:
             run.note(f"{summary}; no mask meets the budget and constraints")
@@ -187,7 +223,7 @@ class LearnedMasks(Strategy):
         value, best = min(zip(values, trained.candidates), key=lambda pair: pair[0])
         run.note(
             f"{summary}; best of {len(values)} rounding(s): {best} ({ctx.costs.removed_fraction(best):.1%} removed), "
-            f"objective {value:.4g}"
+            f"objective {value:.4g}; {equivalent + len(values):.0f} evaluations-equivalent in all"
         )
         return best
 
@@ -195,10 +231,8 @@ class LearnedMasks(Strategy):
         """Train gates for one budget target; deterministic given ``seed``."""
         scorer, costs, limit = ctx.scorer, ctx.costs, ctx.costs.limit(target)
         generator = torch.Generator().manual_seed(seed)
-        gates = HardConcrete(len(costs.per_sublayer), beta=self.temperature, init_keep=self.init_keep)
-        lambdas = torch.zeros(2, requires_grad=True)
+        gates = HardConcrete(len(costs.per_sublayer), beta=self.temperature)
         optimizer = torch.optim.Adam(gates.parameters(), lr=self.lr)
-        ascent = torch.optim.SGD([lambdas], lr=self.lambda_lr, maximize=True)
         sublayer_cost = torch.tensor(costs.per_sublayer, dtype=torch.float32)
         batches = _batches(len(scorer.input_ids), min(self.batch, len(scorer.input_ids)), generator)
         bar = tqdm(range(self.steps), desc=f"learned {target:.0%}", disable=not self.progress, leave=False)
@@ -206,18 +240,18 @@ class LearnedMasks(Strategy):
         with SublayerGates(scorer.model) as hooks, frozen(scorer.model), torch.enable_grad():
             for step in bar:
                 sequences = next(batches)
-                hooks.values = gates.sample(generator)
+                gates.beta = self._temperature_at(step)
+                shift = budget_shift(gates, sublayer_cost, costs.fixed, self._limit_at(step, limit, costs.dense))
+                hooks.values = gates.sample(generator, shift, len(sequences) if self.per_sequence else None)
                 loss = self._objective(scorer, sequences)
-                cost = costs.fixed + (gates.keep_prob() * sublayer_cost).sum()
-                gap = (cost - self._limit_at(step, limit, costs.dense)) / costs.dense
                 optimizer.zero_grad()
-                ascent.zero_grad()
-                (loss + lambdas[0] * gap + lambdas[1] * gap**2).backward()
+                loss.backward()
                 optimizer.step()
-                ascent.step()
                 if 2 * step >= self.steps:
                     seen[round_to_budget(gates.log_alpha.tolist(), ctx, target)] += 1
-                objective, removed = float(loss.detach()), 1 - float(cost.detach()) / costs.dense
+                with torch.no_grad():
+                    cost = costs.fixed + float((gates.keep_prob(shift) * sublayer_cost).sum())
+                objective, removed = float(loss.detach()), 1 - cost / costs.dense
                 if step % 10 == 0 or step == self.steps - 1:
                     bar.set_postfix(objective=f"{objective:.4f}", removed=f"{removed:.1%}")
         bar.close()
@@ -229,7 +263,12 @@ class LearnedMasks(Strategy):
     def _limit_at(self, step: int, limit: float, dense: float) -> float:
         """The cost target of a step: from dense down to ``limit`` over the warm-up, then ``limit``."""
         ramp = self.warmup * self.steps
-        return limit if step >= ramp else dense - (dense - limit) * step / ramp
+        return limit if step >= ramp else dense - (dense - limit) * (step + 1) / (ramp + 1)
+
+    def _temperature_at(self, step: int) -> float:
+        """Geometric from ``temperature`` at the first step to ``final_temperature`` at the last."""
+        fraction = step / max(self.steps - 1, 1)
+        return self.temperature * (self.final_temperature / self.temperature) ** fraction
 
     @staticmethod
     def _objective(scorer, sequences: torch.Tensor) -> torch.Tensor:
