@@ -345,15 +345,21 @@ def _reusable(profile: LatencyProfile, model: nn.Module, phase: str, settings: L
 def profile_for(model: nn.Module, phase: str, settings: LatencySettings) -> LatencyProfile:
     """The profile holding ``phase``: loaded from ``settings.profile`` when it matches, else measured (and saved)."""
     path = Path(settings.profile) if settings.profile else None
-    profile = LatencyProfile.load(path) if path and path.is_file() else None
+    profile = LatencyProfile.load(path) if path and path.is_file() else model.__dict__.get(_MEMO)
     if profile is not None and _reusable(profile, model, phase, settings):
+        if path and not path.is_file():
+            profile.save(path)  # measured before the study directory existed
         return profile
     if profile is None or profile.model != model_signature(model) or profile.device != device_name(model_device(model)):
         profile = LatencyProfile(model_signature(model), device_name(model_device(model)))
     profile.phases[phase] = profile_phase(model, phase, settings)
+    model.__dict__[_MEMO] = profile
     if path:
         profile.save(path)
     return profile
+
+
+_MEMO = "_depthsearch_latency_profile"  # the last profile measured on a model, reused within one process
 
 
 PROFILE_FILE = "latency_profile.json"

@@ -80,8 +80,9 @@ def budget_names(config: StudyConfig) -> list[str]:
 
 def build_cost(name: str, model, config: StudyConfig) -> CostTable:
     builder = BUDGETS.get(name)
-    if "settings" in inspect.signature(builder).parameters:
-        return builder(model, settings=dict(config.latency))
+    if "settings" in inspect.signature(builder).parameters:  # measured budgets: profile kept in the study dir
+        study_dir = config.output_dir if Path(config.output_dir).is_dir() else None
+        return builder(model, settings=dict(config.latency), study_dir=study_dir)
     return builder(model)
 
 
@@ -307,6 +308,7 @@ def execute(config: StudyConfig, *, progress: bool = True) -> int:
     url = storage_url(config.storage, out)
     out.mkdir(parents=True, exist_ok=True)
     save_config_copy(config, out)
+    prepared.costs.update({n: build_cost(n, model, config) for n in prepared.costs if n.startswith("latency")})
     study = open_study(url)
     _check_resume(study, config)
     torch.manual_seed(config.seed)

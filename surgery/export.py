@@ -23,6 +23,7 @@ from torch import nn
 from . import pruned_modeling
 from .families import Family, family_for, get_path
 from .mask import ATTN, KeepMask, MaskError
+from .masking import masked
 
 MODULE_FILE = "pruned_modeling.py"
 
@@ -158,8 +159,9 @@ def export_pruned(
     layers = len(get_path(model, family.layers))
     mask = KeepMask.parse(mask, layers) if isinstance(mask, str) else mask
     mask.check_layers(layers)
-    counts = {"dense_params": num_params(model)}
-    pruned = prune_model(copy.deepcopy(model), mask)
+    with masked(model, KeepMask.dense(layers)):  # a runtime mask left applied (by a scorer) must not leak in
+        counts = {"dense_params": num_params(model)}
+        pruned = prune_model(copy.deepcopy(model), mask)
     counts["pruned_params"] = num_params(pruned)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))

@@ -13,7 +13,7 @@ from objectives.calibration import BatchSpec, TextSource, token_batch
 from objectives.scorer import MaskScorer
 from search.context import SearchContext
 from search.strategies import STRATEGIES, StrategySettingsError
-from search.strategies.learned import HardConcrete, LearnedMasks, round_to_budget
+from search.strategies.learned import HardConcrete, LearnedMasks, budget_shift, round_to_budget
 from surgery.gates import SublayerGates, frozen, mask_values
 from surgery.load import load_model
 from surgery.mask import KeepMask
@@ -71,6 +71,18 @@ def test_hard_gates_reproduce_runtime_masking_exactly(loaded, text):
     assert not torch.equal(gated, logits(model, ids))
 
 
+def test_per_sequence_gates_reproduce_each_sequences_masking_exactly(loaded):
+    model, ids = loaded
+    masks = [KeepMask.parse(t) for t in ("AM,A-,-M,--,AM", "AM,AM,AM,AM,AM", "--,AM,A-,AM,-M", "A-,-M,AM,AM,--")]
+    expected = []
+    for row, mask in zip(ids, masks):
+        with masked(model, mask):
+            expected.append(logits(model, row[None])[0])
+    with SublayerGates(model, torch.stack([mask_values(m) for m in masks])):
+        gated = logits(model, ids)
+    assert torch.allclose(gated, torch.stack(expected), atol=1e-5)
+
+
 def test_gates_removed_afterwards_leave_model_dense_and_flags_restored(loaded):
     model, ids = loaded
     dense = logits(model, ids)
@@ -91,7 +103,7 @@ def test_gates_removed_afterwards_leave_model_dense_and_flags_restored(loaded):
 
 
 def test_hard_concrete_reaches_exact_zero_and_one():
-    gates = HardConcrete(4, beta=2 / 3, init_keep=0.5)
+    gates = HardConcrete(4, beta=2 / 3)
     with torch.no_grad():
         gates.log_alpha.copy_(torch.tensor([-8.0, -1.0, 1.0, 8.0]))
     samples = torch.stack([gates.sample(torch.Generator().manual_seed(s)) for s in range(200)])
@@ -100,6 +112,21 @@ def test_hard_concrete_reaches_exact_zero_and_one():
     assert torch.equal(gates.deterministic()[[0, 3]], torch.tensor([0.0, 1.0]))
     empirical = (samples != 0).float().mean(0)
     assert torch.allclose(empirical, gates.keep_prob().detach(), atol=0.1)
+
+
+@pytest.mark.parametrize("fraction", [0.1, 0.5, 0.9])
+def test_budget_shift_holds_expected_cost_on_the_limit(fraction):
+    gates = HardConcrete(6, beta=2 / 3)
+    with torch.no_grad():
+        gates.log_alpha.copy_(torch.tensor([3.0, -1.0, 0.5, 2.0, -4.0, 0.0]))
+    costs = torch.tensor([1.0, 3.0, 1.0, 3.0, 1.0, 3.0])
+    limit = 5.0 + (1 - fraction) * float(costs.sum())
+    shift = budget_shift(gates, costs, 5.0, limit)
+    expected = 5.0 + (gates.keep_prob(shift) * costs).sum()
+    assert abs(float(expected) - limit) < 1e-4
+    expected.backward()  # the implicit gradient keeps the cost on the limit: d cost / d log_alpha == 0
+    assert gates.log_alpha.grad.abs().max() < 1e-4
+    assert float(budget_shift(gates, costs, 5.0, 5.0 + float(costs.sum()) + 1)) == 30.0  # no pressure
 
 
 def test_rounding_keeps_by_score_within_budget(scorer, tmp_path):
@@ -133,6 +160,13 @@ def test_trained_masks_meet_every_budget_and_are_recorded(scorer, tmp_path):
     assert all(p.requires_grad for p in scorer.model.parameters())  # weights' flags restored
 
 
+def test_expected_cost_reaches_the_target(scorer, tmp_path):
+    ctx = make_context(scorer, tmp_path)
+    for target in (0.1, 0.5):
+        trained = LearnedMasks(**FAST).train(ctx, target, seed=0)
+        assert abs(trained.expected_removed - target) < 0.005
+
+
 def test_deterministic_with_seed(scorer, tmp_path):
     ctx = make_context(scorer, tmp_path)
     strategy = LearnedMasks(**FAST, seed=3)
@@ -149,9 +183,9 @@ def test_deterministic_with_seed(scorer, tmp_path):
         ({"steps": 0}, "steps"),
         ({"steps": 2.5}, "steps"),
         ({"lr": -0.1}, "lr"),
-        ({"lambda_lr": float("nan")}, "lambda_lr"),
+        ({"lr": float("nan")}, "lr"),
         ({"temperature": 0}, "temperature"),
-        ({"init_keep": 1.0}, "init_keep"),
+        ({"final_temperature": -1}, "final_temperature"),
         ({"batch": 0}, "batch"),
         ({"warmup": 1.5}, "warmup"),
         ({"candidates": 0}, "candidates"),

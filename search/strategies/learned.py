@@ -174,6 +174,8 @@ class LearnedMasks(Strategy):
         warmup: float = 0.2,
         candidates: int = 4,
         per_sequence: bool = True,
+        source: str = "both",
+        samples: int = 256,
         seed: int | None = None,
         progress: bool = True,
     ):
@@ -190,7 +192,7 @@ class LearnedMasks(Strategy):
         self.steps, self.lr, self.batch, self.candidates = steps, float(lr), batch, candidates
         self.temperature, self.final_temperature = float(temperature), float(final)
         self.warmup, self.seed, self.progress = float(warmup), seed, progress
-        self.per_sequence = per_sequence
+        self.per_sequence, self.source, self.samples = per_sequence, source, samples
 
     def search(self, run: StrategyRun) -> dict[float, KeepMask | None]:
         results: dict[float, KeepMask | None] = {}
@@ -256,9 +258,19 @@ class LearnedMasks(Strategy):
                     bar.set_postfix(objective=f"{objective:.4f}", removed=f"{removed:.1%}")
         bar.close()
         final = round_to_budget(gates.log_alpha.tolist(), ctx, target)
-        ranked = dict.fromkeys([final] + [m for m, _ in seen.most_common()])
+        with torch.no_grad():
+            sampled = self._sampled(gates, ctx, target, budget_shift(gates, sublayer_cost, costs.fixed, limit), generator)
+        pools = {"seen": [m for m, _ in seen.most_common()], "sampled": sampled, "both": sampled + [m for m, _ in seen.most_common()]}
+        ranked = dict.fromkeys([final] + pools[self.source])
         candidates = tuple(m for m in ranked if m is not None)[: self.candidates]
         return Trained(tuple(gates.log_alpha.tolist()), candidates, objective, removed, self.steps, len(sequences))
+
+    def _sampled(self, gates, ctx, target, shift, generator) -> list[KeepMask]:
+        """Distinct roundings of gate samples from the trained distribution, most frequent first."""
+        values = gates.sample(generator, shift, self.samples)
+        tie = 1e-3 * torch.sigmoid(gates.log_alpha)
+        counts = Counter(round_to_budget((row + tie).tolist(), ctx, target) for row in values)
+        return [m for m, _ in counts.most_common()]
 
     def _limit_at(self, step: int, limit: float, dense: float) -> float:
         """The cost target of a step: from dense down to ``limit`` over the warm-up, then ``limit``."""
