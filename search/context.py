@@ -49,6 +49,7 @@ class SearchContext:
     staging: Any = None  # search.engine.Staging: staged selection in evaluate_many (None: exact, the default)
     racing: bool = False  # exact racing in evaluate_many: masks proven worse than the best are not finished
     select_strategies: tuple[str, ...] = SELECTING  # tags whose batches only pick the best (staging/racing apply)
+    tune: Any = None  # executor ray: runs an Optuna sampler's trials as Ray Tune trials (search.workers.TuneRunner)
     _values: dict[str, float] = field(default_factory=dict)  # mask text -> full objective value
 
     def __post_init__(self) -> None:

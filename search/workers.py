@@ -18,7 +18,9 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Any, Sequence
 
+import optuna
 import torch
+from optuna.distributions import CategoricalDistribution
 
 from search.config import StudyConfig
 from search.engine import EngineCounters, Staging, make_scoring_backend
@@ -143,11 +145,19 @@ class RayEvaluator(PoolEvaluator):
     def __init__(self, config: StudyConfig, *, workers: int, address: str | None = None,
                  resources: dict[str, float] | None = None):
         super().__init__(workers)
-        ray = _ray(address)
-        options = ray_options(resources or {"CPU": 1})
-        actor = ray.remote(max_restarts=-1, max_task_retries=-1)(RayWorker)
-        self.actors = [actor.options(**options).remote(config, int(options.get("num_cpus", 1)) or 1)
-                       for _ in range(workers)]
+        self.config, self.address, self.resources = config, address, resources or {"CPU": 1}
+        self._actors: list | None = None
+
+    @property
+    def actors(self) -> list:
+        """The worker actors, started on first use (and again after ``close``)."""
+        if self._actors is None:
+            ray = _ray(self.address)
+            options = ray_options(self.resources)
+            actor = ray.remote(max_restarts=-1, max_task_retries=-1)(RayWorker)
+            self._actors = [actor.options(**options).remote(self.config, int(options.get("num_cpus", 1)) or 1)
+                            for _ in range(self.workers)]
+        return self._actors
 
     def submit(self, index, masks, sequences):
         return self.actors[index % len(self.actors)].score.remote(masks, sequences)
@@ -163,10 +173,12 @@ class RayEvaluator(PoolEvaluator):
         return ray.get([actor.pid.remote() for actor in self.actors])
 
     def close(self) -> None:
+        """Stop the actors (freeing their resources, e.g. for Ray Tune trials); they restart when needed."""
         import ray
 
-        for actor in self.actors:
+        for actor in self._actors or ():
             ray.kill(actor)
+        self._actors = None
 
 
 class RayWorker(WorkerState):
@@ -219,6 +231,7 @@ def context_options(config: StudyConfig, scorer) -> dict[str, Any]:
         "staging": Staging(engine.stage_sequences, engine.stage_keep) if engine.staged else None,
         "racing": engine.racing and config.executor.kind == "inprocess",
         "select_strategies": tuple(engine.select_strategies),
+        "tune": TuneRunner(config) if config.executor.kind == "ray" else None,
     }
 
 
@@ -286,3 +299,29 @@ def record_tune_results(run, results: list[dict], target: float) -> list[tuple[K
             run.ctx._values.setdefault(str(mask), float(result["objective"]))
             finished.append((mask, run.evaluate(mask, target)))
     return finished
+
+
+class TuneRunner:
+    """A per-target Optuna sampler's remaining trials as Ray Tune trials; results land in both studies.
+
+    The main study gets every feasible mask as a trial of the strategy (no forward pass in this process); the
+    strategy's working study gets every Tune trial, so a re-run counts them and resumes.
+    """
+
+    def __init__(self, config: StudyConfig):
+        self.config = config
+
+    def __call__(self, run, study, *, sampler, target: float, n_trials: int, warm_start: Sequence[KeepMask]) -> None:
+        if hasattr(run.ctx.evaluator, "close"):
+            run.ctx.evaluator.close()  # the Tune trials need the workers' resources
+        results = tune_sampler(self.config, costs=run.ctx.costs, target=target, sampler=sampler,
+                               n_trials=n_trials, warm_start=warm_start)
+        record_tune_results(run, results, target)
+        sublayers = len(run.ctx.costs.per_sublayer)
+        for result in results:
+            mask = KeepMask.parse(result["mask"])
+            study.add_trial(optuna.trial.create_trial(
+                params={f"keep_{i}": int(b) for i, b in enumerate(mask.bits)},
+                distributions={f"keep_{i}": CategoricalDistribution((0, 1)) for i in range(sublayers)},
+                value=float(result["objective"]),
+            ))

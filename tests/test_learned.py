@@ -123,7 +123,7 @@ def test_budget_shift_holds_expected_cost_on_the_limit(fraction):
     limit = 5.0 + (1 - fraction) * float(costs.sum())
     shift = budget_shift(gates, costs, 5.0, limit)
     expected = 5.0 + (gates.keep_prob(shift) * costs).sum()
-    assert abs(float(expected) - limit) < 1e-4
+    assert abs(float(expected.detach()) - limit) < 1e-4
     expected.backward()  # the implicit gradient keeps the cost on the limit: d cost / d log_alpha == 0
     assert gates.log_alpha.grad.abs().max() < 1e-4
     assert float(budget_shift(gates, costs, 5.0, 5.0 + float(costs.sum()) + 1)) == 30.0  # no pressure
@@ -144,7 +144,7 @@ def test_trained_masks_meet_every_budget_and_are_recorded(scorer, tmp_path):
     ctx = make_context(scorer, tmp_path)
     run = ctx.strategy_run("learned")
     result = STRATEGIES.get("learned")(**FAST).search(run)
-    assert len(ctx.study.get_trials()) <= 4 * len(TARGETS)
+    assert len(ctx.study.get_trials()) <= LearnedMasks().candidates * len(TARGETS)
     assert set(result) == set(TARGETS)
     for target, mask in result.items():
         assert mask is not None and ctx.feasible(mask, target)

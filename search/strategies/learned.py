@@ -2,7 +2,7 @@
 
 Each sublayer i gets a gate ``z_i`` on its residual contribution (:mod:`surgery.gates`):
 ``h = h + z_A * attn(norm(h)); h = h + z_M * ffn(norm(h))``. The model's weights are frozen; only the gates'
-``log_alpha`` and two Lagrange multipliers train.
+``log_alpha`` train.
 
 Why hard-concrete (Louizos et al. 2018, as in Sheared-LLaMA) rather than a straight-through estimator: a
 stretched, clamped concrete sample ``z = clamp(sigmoid((log u - log(1-u) + log_alpha) / beta) * (r - l) + l,
@@ -12,23 +12,30 @@ is a smooth function of ``log_alpha``: the expected cost ``fixed + sum_i P(z_i !
 gradient. That works for any additive budget (parameters, KV bytes, latency tables). A straight-through
 estimator would need a biased gradient for the gate and a separate relaxation for the cost.
 
-Loss per step, on ``batch`` calibration sequences: the study's objective (KL(dense || gated) by default, from
-the cached dense reference of the scorer) plus Sheared-LLaMA's Lagrangian ``lambda_1 d + lambda_2 d^2`` with
-``d = (expected cost - limit) / dense cost``, the limit ramped from the dense cost over the first ``warmup``
-fraction of steps. Gates descend (Adam, ``lr``); the multipliers ascend (``lambda_lr``), which drives the
-expected cost onto the target rather than merely under it.
+Budget: a hard constraint, not a penalty. Every step adds one shift ``b`` to all ``log_alpha``, found by bisection
+so that the expected cost ``fixed + sum_i P(z_i != 0 | log_alpha_i + b) cost_i`` equals the step's limit exactly
+(:func:`budget_shift`); the limit ramps from the dense cost down to the target over the first ``warmup`` fraction
+of the steps, then stays there. One Newton step on the live gates gives ``b`` its implicit gradient, so the
+objective's gradient moves gates only along the budget surface: the gates compete for the budget, and the expected
+cost is on the target for the whole second part of training. (A Lagrangian ``lambda_1 d + lambda_2 d^2`` as in
+Sheared-LLaMA only approaches the target as the multipliers grow: with the gates' sigmoid near saturation its
+pull is weak, and within 100 steps the expected cost on stories260k stayed far above the target.)
 
-Rounding: sublayers are kept in order of their learned ``log_alpha`` (the deterministic gate's order) while the
-mask stays feasible (budget target and every extra constraint of the study); a sublayer that no longer fits is
-skipped, so a large high-score sublayer can make room for smaller ones below it. The mask thus fills the budget
-as closely as the gate order allows. The rounding of the final gates and the most frequent roundings over the
-last half of training (``candidates`` in all) are evaluated with ``run.evaluate``, so recorded as trials of this
-strategy in the main study, and the best is returned; the Optuna sampler strategies warm-start from the best feasible masks of that
-study, so recording is all the enqueueing needed.
+Loss per step: the study's objective (KL(dense || gated) by default, from the cached dense reference of the
+scorer) on ``batch`` calibration sequences, each with its own gate sample (one removal pattern per sequence, a
+``batch`` patterns per step at no extra cost). Gates descend with Adam (``lr``); the temperature moves
+geometrically from ``temperature`` to ``final_temperature``.
 
-Cost: one step is ``batch`` sequences forward and backward, about 3 forwards each. The training cost is added
-to ``run.forwards`` in sequence-forwards and noted in evaluations-equivalent (one evaluation = one forward of
-every calibration sequence), comparable with greedy FinerCut's evaluation count.
+Rounding: sublayers are kept in order of a score (the trained ``log_alpha``, or one gate draw) while the mask stays
+feasible (budget target and every extra constraint of the study); a sublayer that no longer fits is skipped, so a
+large sublayer can make room for smaller ones below it. The candidates are the rounding of ``log_alpha`` and the
+most frequent roundings of ``samples`` draws from the trained gates, ``candidates`` in all; they are evaluated with
+``run.evaluate`` (recorded as trials of this strategy in the main study, from which the Optuna sampler strategies
+warm-start) and the best is returned.
+
+Cost: one step is ``batch`` sequences forward and backward, about 3 forwards each. The training cost is added to
+``run.forwards`` in sequence-forwards and noted in evaluations-equivalent (one evaluation = one forward of every
+calibration sequence), comparable with greedy FinerCut's evaluation count; the candidates add one evaluation each.
 """
 
 from __future__ import annotations
@@ -117,7 +124,7 @@ class Trained:
     """Result of one training run: final gate scores, candidate masks, last-step statistics."""
 
     scores: tuple[float, ...]
-    candidates: tuple[KeepMask, ...]  # final rounding, then the most frequent ones over the last half of training
+    candidates: tuple[KeepMask, ...]  # rounding of log_alpha, then the most frequent roundings of gate draws
     objective: float
     expected_removed: float
     steps: int
@@ -161,20 +168,18 @@ def _is_real(value) -> bool:
 
 @register("learned")
 class LearnedMasks(Strategy):
-    """Hard-concrete gates held at the budget by a shift, one training run per target, rounded to the budget."""
+    """Hard-concrete gates held on the budget by a shift, one training run per target, rounded to the budget."""
 
     def __init__(
         self,
         *,
-        steps: int = 100,
-        lr: float = 0.1,
+        steps: int = 60,
+        lr: float = 0.05,
         temperature: float = 2 / 3,
         final_temperature: float | None = None,
         batch: int = 8,
-        warmup: float = 0.2,
-        candidates: int = 4,
-        per_sequence: bool = True,
-        source: str = "both",
+        warmup: float = 0.5,
+        candidates: int = 8,
         samples: int = 256,
         seed: int | None = None,
         progress: bool = True,
@@ -187,12 +192,13 @@ class LearnedMasks(Strategy):
         _check("batch", batch, _is_int(batch) and batch >= 1, "an integer >= 1 (calibration sequences per step)")
         _check("warmup", warmup, _is_real(warmup) and 0 <= warmup <= 1, "a fraction of the steps in [0, 1]")
         _check("candidates", candidates, _is_int(candidates) and candidates >= 1, "an integer >= 1")
+        _check("samples", samples, _is_int(samples) and samples >= 1, "an integer >= 1")
         _check("seed", seed, seed is None or _is_int(seed), "an integer or null (the study seed)")
         _check("progress", progress, isinstance(progress, bool), "true or false")
         self.steps, self.lr, self.batch, self.candidates = steps, float(lr), batch, candidates
         self.temperature, self.final_temperature = float(temperature), float(final)
         self.warmup, self.seed, self.progress = float(warmup), seed, progress
-        self.per_sequence, self.source, self.samples = per_sequence, source, samples
+        self.samples = samples
 
     def search(self, run: StrategyRun) -> dict[float, KeepMask | None]:
         results: dict[float, KeepMask | None] = {}
@@ -215,8 +221,8 @@ class LearnedMasks(Strategy):
         equivalent = sequence_forwards / len(ctx.scorer.input_ids)
         summary = (
             f"learned target {target:g}: training {trained.steps} steps x {trained.sequences} sequences "
-            f"forward+backward (~{BACKWARD_FACTOR} forwards each) = {equivalent:.0f} evaluations-equivalent; "
-            f"final objective {trained.objective:.4g}, expected {trained.expected_removed:.1%} removed"
+            f"forward+backward (~{BACKWARD_FACTOR} forwards each) = {equivalent:.0f} evaluations-equivalent; last "
+            f"step's sampled-gate objective {trained.objective:.4g}, expected {trained.expected_removed:.1%} removed"
         )
         if not trained.candidates:
             run.note(f"{summary}; no mask meets the budget and constraints")
@@ -238,39 +244,35 @@ class LearnedMasks(Strategy):
         sublayer_cost = torch.tensor(costs.per_sublayer, dtype=torch.float32)
         batches = _batches(len(scorer.input_ids), min(self.batch, len(scorer.input_ids)), generator)
         bar = tqdm(range(self.steps), desc=f"learned {target:.0%}", disable=not self.progress, leave=False)
-        seen: Counter[KeepMask] = Counter()
         with SublayerGates(scorer.model) as hooks, frozen(scorer.model), torch.enable_grad():
             for step in bar:
                 sequences = next(batches)
                 gates.beta = self._temperature_at(step)
                 shift = budget_shift(gates, sublayer_cost, costs.fixed, self._limit_at(step, limit, costs.dense))
-                hooks.values = gates.sample(generator, shift, len(sequences) if self.per_sequence else None)
+                hooks.values = gates.sample(generator, shift, len(sequences))  # one gate pattern per sequence
                 loss = self._objective(scorer, sequences)
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()
-                if 2 * step >= self.steps:
-                    seen[round_to_budget(gates.log_alpha.tolist(), ctx, target)] += 1
                 with torch.no_grad():
                     cost = costs.fixed + float((gates.keep_prob(shift) * sublayer_cost).sum())
                 objective, removed = float(loss.detach()), 1 - cost / costs.dense
                 if step % 10 == 0 or step == self.steps - 1:
                     bar.set_postfix(objective=f"{objective:.4f}", removed=f"{removed:.1%}")
         bar.close()
-        final = round_to_budget(gates.log_alpha.tolist(), ctx, target)
         with torch.no_grad():
-            sampled = self._sampled(gates, ctx, target, budget_shift(gates, sublayer_cost, costs.fixed, limit), generator)
-        pools = {"seen": [m for m, _ in seen.most_common()], "sampled": sampled, "both": sampled + [m for m, _ in seen.most_common()]}
-        ranked = dict.fromkeys([final] + pools[self.source])
-        candidates = tuple(m for m in ranked if m is not None)[: self.candidates]
+            shift = budget_shift(gates, sublayer_cost, costs.fixed, limit)
+            candidates = self._candidates(gates, ctx, target, shift, generator)
         return Trained(tuple(gates.log_alpha.tolist()), candidates, objective, removed, self.steps, len(sequences))
 
-    def _sampled(self, gates, ctx, target, shift, generator) -> list[KeepMask]:
-        """Distinct roundings of gate samples from the trained distribution, most frequent first."""
-        values = gates.sample(generator, shift, self.samples)
-        tie = 1e-3 * torch.sigmoid(gates.log_alpha)
-        counts = Counter(round_to_budget((row + tie).tolist(), ctx, target) for row in values)
-        return [m for m, _ in counts.most_common()]
+    def _candidates(self, gates, ctx, target, shift, generator) -> tuple[KeepMask, ...]:
+        """The rounding of ``log_alpha``, then the most frequent roundings of ``samples`` gate draws."""
+        tie = 1e-3 * torch.sigmoid(gates.log_alpha)  # order gates drawn at the same value by log_alpha
+        draws = gates.sample(generator, shift, self.samples)
+        counts = Counter(round_to_budget((row + tie).tolist(), ctx, target) for row in draws)
+        final = round_to_budget(gates.log_alpha.tolist(), ctx, target)
+        ranked = dict.fromkeys([final] + [m for m, _ in counts.most_common()])
+        return tuple(m for m in ranked if m is not None)[: self.candidates]
 
     def _limit_at(self, step: int, limit: float, dense: float) -> float:
         """The cost target of a step: from dense down to ``limit`` over the warm-up, then ``limit``."""

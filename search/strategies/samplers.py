@@ -115,10 +115,20 @@ class PerTargetSampling(OptunaSampling):
         results: Results = {}
         for index, target in enumerate(targets(run)):
             study = self.working_study(run, f"{run.strategy}:{target:g}", seed + index, ["minimize"])
-            self.enqueue_known(run, study, target)
-            self.optimize(study, lambda trial, t=target: self._objective(run, trial, t))
+            if run.ctx.tune is not None:
+                self.optimize_on_ray(run, study, target, seed + index)
+            else:
+                self.enqueue_known(run, study, target)
+                self.optimize(study, lambda trial, t=target: self._objective(run, trial, t))
             results[target] = self.best_for(run, study, target)
         return results
+
+    def optimize_on_ray(self, run, study: optuna.Study, target: float, seed: int) -> None:
+        """executor ray: the remaining trials run as Ray Tune trials (OptunaSearch with this sampler)."""
+        remaining = self.n_trials - len(study.get_trials(deepcopy=False, states=FINISHED))
+        if remaining > 0:
+            run.ctx.tune(run, study, sampler=self.sampler(seed), target=target, n_trials=remaining,
+                         warm_start=known_feasible(run, target, self.warm_start))
 
     @staticmethod
     def _objective(run, trial: optuna.Trial, target: float) -> float:
