@@ -7,7 +7,6 @@ import random
 
 import optuna
 import pytest
-import torch
 
 from objectives.budgets import sublayer_costs
 from objectives.scorer import MaskScorer
@@ -16,15 +15,6 @@ from search.context import SearchContext
 from search.engine import PlainBackend, PrefixEngine, Staging, make_scoring_backend, staged_survivors
 from surgery.mask import KeepMask
 from tests.families import input_ids
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Single-threaded torch: the numbers do not depend on it and a shared CPU runs much faster this way."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _masks(num_layers: int, seed: int = 0, count: int = 10) -> list[KeepMask]:

@@ -11,7 +11,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from search.export_best import ExportError, removal_limit, select
-from search.report import pareto_mask, read_study, write_report
+from search.report import pareto_mask, read_study
 from search.study import main as study_main
 from surgery.load import load_model
 from surgery.mask import KeepMask

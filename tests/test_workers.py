@@ -9,7 +9,6 @@ import time
 
 import optuna
 import pytest
-import torch
 import yaml
 
 from objectives.budgets import sublayer_costs
@@ -18,14 +17,6 @@ from search.context import SearchContext
 from search.strategies import STRATEGIES
 from search.workers import ProcessEvaluator, RayEvaluator, build_scorer, context_options, split_batch
 from surgery.mask import KeepMask
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture
