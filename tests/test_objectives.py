@@ -59,12 +59,15 @@ def test_kl_of_a_mask_with_itself_is_zero_and_grows_with_removal(stories, storie
     assert scorer.score(KeepMask.dense(5)) == 0.0  # masking is undone exactly between trials
 
 
-def test_topk_reference_bounds_full_kl(stories, stories_ids):
-    model, _ = stories
+def _dense_and_masked_logits(model, ids, mask: str) -> tuple[torch.Tensor, torch.Tensor]:
     with torch.no_grad():
-        dense = model(stories_ids).logits
-        with masked(model, "AM,-M,AM,A-,AM"):
-            pruned = model(stories_ids).logits
+        dense = model(ids).logits
+        with masked(model, mask):
+            return dense, model(ids).logits
+
+
+def test_topk_reference_bounds_full_kl(stories, stories_ids):
+    dense, pruned = _dense_and_masked_logits(stories[0], stories_ids, "AM,-M,AM,A-,AM")
     full, top = Reference.from_logits(dense), Reference.from_logits(dense, topk=16)
     exact, binned = float(kl(pruned, full, stories_ids)), float(kl(pruned, top, stories_ids))
     manual = F.kl_div(F.log_softmax(pruned[:, :-1], -1), F.log_softmax(dense[:, :-1], -1), log_target=True,
@@ -77,10 +80,7 @@ def test_topk_reference_bounds_full_kl(stories, stories_ids):
 
 def test_js_and_perplexity(stories, stories_ids):
     model, _ = stories
-    with torch.no_grad():
-        dense = model(stories_ids).logits
-        with masked(model, "-M,AM,AM,AM,--"):
-            pruned = model(stories_ids).logits
+    dense, pruned = _dense_and_masked_logits(model, stories_ids, "-M,AM,AM,AM,--")
     positions = stories_ids.shape[0] * (stories_ids.shape[1] - 1)
     forward = float(js(pruned, Reference.from_logits(dense), stories_ids)) / positions
     backward = float(js(dense, Reference.from_logits(pruned), stories_ids)) / positions
