@@ -8,8 +8,8 @@ from typing import Generic, Iterator, TypeVar
 T = TypeVar("T")
 
 
-class UnknownNameError(KeyError):
-    """A name not in a registry; the message suggests the closest registered name."""
+class UnknownNameError(ValueError, KeyError):
+    """A name not in a registry (a user error, and a lookup miss); the message suggests the closest name."""
 
     def __str__(self) -> str:
         return str(self.args[0])

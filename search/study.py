@@ -19,7 +19,7 @@ SUBCOMMANDS = {
     "confirm": ("search.confirm", "heal the front's best masks with LoRA/QLoRA and benchmark them with lm-eval"),
 }
 
-USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError, KeyError)
+USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError)  # a bug keeps its traceback
 
 
 def build_parser() -> argparse.ArgumentParser:
