@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STUDY ?= studies/stories260k.yaml
 OUT ?= runs/stories260k
 
-.PHONY: env study test test-all clean
+.PHONY: env study test test-slow test-all clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -22,6 +22,9 @@ study: env
 
 test: env
 	$(PY) -m pytest
+
+test-slow: env
+	$(PY) -m pytest -m slow
 
 test-all: env
 	$(PY) -m pytest -m "slow or not slow"
