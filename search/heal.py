@@ -21,22 +21,6 @@ from torch import nn
 from objectives.calibration import DataError, TextSource, load_text, tokenize
 from surgery.families import family_for
 
-# LoRA target projections per family row of surgery/families.py (tests check every row has an entry);
-# removed sublayers hold none of them, so only surviving sublayers get adapters.
-HEAL_TARGETS: dict[str, tuple[str, ...]] = {
-    "llama": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
-    "mistral": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
-    "qwen2": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
-    "qwen3": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
-    "phi3": ("qkv_proj", "o_proj", "gate_up_proj", "down_proj"),
-    "mixtral": ("q_proj", "k_proj", "v_proj", "o_proj", "w1", "w2", "w3"),
-    "gemma2": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
-    "gpt_neox": ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"),
-    "gpt2": ("c_attn", "c_proj", "c_fc"),
-    "opt": ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"),
-}
-
-
 class HealError(ValueError):
     """Healing settings or data that cannot be used."""
 
@@ -115,7 +99,7 @@ def batches(data: torch.Tensor, batch_size: int, steps: int, seed: int) -> Itera
 # model preparation ---------------------------------------------------------------------------------------
 def lora_targets(model: nn.Module) -> list[str]:
     """The family's LoRA target names that the (pruned) model still contains."""
-    wanted = HEAL_TARGETS[family_for(model.config).name]
+    wanted = family_for(model.config).lora
     present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
     found = [name for name in wanted if name in present]
     if not found:

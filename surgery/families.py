@@ -28,6 +28,7 @@ class Family:
     attn_norms: tuple[str, ...]  # norms used only by the attention sublayer
     ffn_norms: tuple[str, ...]  # norms used only by the FFN sublayer
     residual: str = "sequential"  # "sequential": h += attn(..); h += ffn(..)   "parallel": h += attn(..) + ffn(..)
+    lora: tuple[str, ...] = ()  # projection names healing puts LoRA adapters on (removed sublayers hold none)
     check: Callable[[Any], str | None] | None = None  # returns a reason when a config variant is unsupported
 
 
@@ -42,27 +43,33 @@ def _neox_residual(config: Any) -> str:
 
 
 _PRE_NORM = dict(attn="self_attn", ffn=("mlp",), attn_norms=("input_layernorm",), ffn_norms=("post_attention_layernorm",))
+_QKVO = ("q_proj", "k_proj", "v_proj", "o_proj")
+_SWIGLU = _QKVO + ("gate_proj", "up_proj", "down_proj")
 
 FAMILIES: dict[str, Family] = {
-    "llama": Family("llama", "model.layers", **_PRE_NORM),
-    "mistral": Family("mistral", "model.layers", **_PRE_NORM),
-    "qwen2": Family("qwen2", "model.layers", **_PRE_NORM),
-    "qwen3": Family("qwen3", "model.layers", **_PRE_NORM),
-    "phi3": Family("phi3", "model.layers", **_PRE_NORM),
-    "mixtral": Family("mixtral", "model.layers", **_PRE_NORM),  # the sparse MoE block is the FFN sublayer
+    "llama": Family("llama", "model.layers", **_PRE_NORM, lora=_SWIGLU),
+    "mistral": Family("mistral", "model.layers", **_PRE_NORM, lora=_SWIGLU),
+    "qwen2": Family("qwen2", "model.layers", **_PRE_NORM, lora=_SWIGLU),
+    "qwen3": Family("qwen3", "model.layers", **_PRE_NORM, lora=_SWIGLU),
+    "phi3": Family("phi3", "model.layers", **_PRE_NORM, lora=("qkv_proj", "o_proj", "gate_up_proj", "down_proj")),
+    # the sparse MoE block is the FFN sublayer
+    "mixtral": Family("mixtral", "model.layers", **_PRE_NORM, lora=_QKVO + ("w1", "w2", "w3")),
     "gemma2": Family(
         "gemma2", "model.layers", "self_attn", ("mlp",),
         attn_norms=("input_layernorm", "post_attention_layernorm"),
-        ffn_norms=("pre_feedforward_layernorm", "post_feedforward_layernorm"),
+        ffn_norms=("pre_feedforward_layernorm", "post_feedforward_layernorm"), lora=_SWIGLU,
     ),
     "gpt_neox": Family(
         "gpt_neox", "gpt_neox.layers", "attention", ("mlp",),
         attn_norms=("input_layernorm",), ffn_norms=("post_attention_layernorm",), residual="parallel",
+        lora=("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"),
     ),
-    "gpt2": Family("gpt2", "transformer.h", "attn", ("mlp",), attn_norms=("ln_1",), ffn_norms=("ln_2",)),
+    "gpt2": Family("gpt2", "transformer.h", "attn", ("mlp",), attn_norms=("ln_1",), ffn_norms=("ln_2",),
+                   lora=("c_attn", "c_proj", "c_fc")),
     "opt": Family(
         "opt", "model.decoder.layers", "self_attn", ("fc1", "fc2"),
         attn_norms=("self_attn_layer_norm",), ffn_norms=("final_layer_norm",), check=_opt_check,
+        lora=("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"),
     ),
 }
 
