@@ -111,14 +111,15 @@ def format_problems(path: Path | str | None, problems: list[str]) -> str:
     return "\n".join([f"{path or '(config)'}: {len(problems)} problem(s)", *(f"  {p}" for p in problems)])
 
 
-def _format_errors(path: Path, error: ValidationError) -> str:
+def validation_problems(error: ValidationError, prefix: tuple[str, ...] = ()) -> list[str]:
+    """One ``key: what (got value)`` line per pydantic error; ``prefix`` names the enclosing section."""
     problems = []
     for item in error.errors():
-        key = ".".join(str(p) for p in item["loc"]) or "(top level)"
+        key = ".".join(str(p) for p in (*prefix, *item["loc"])) or "(top level)"
         value = item.get("input")
         shown = "" if isinstance(value, dict) else f" (got {value!r})"
         problems.append(f"{key}: {item['msg']}{shown}")
-    return format_problems(path, problems)
+    return problems
 
 
 def load_config(path: str | Path) -> StudyConfig:
@@ -135,7 +136,7 @@ def load_config(path: str | Path) -> StudyConfig:
     try:
         config = StudyConfig(**raw)
     except ValidationError as error:
-        raise ConfigError(_format_errors(path, error)) from None
+        raise ConfigError(format_problems(path, validation_problems(error))) from None
     config.source = path
     return config
 

@@ -24,7 +24,9 @@ from typing import Literal
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from search.config import ConfigError, StudyConfig, format_problems, load_config, model_source, resolve, text_source
+from search.config import (
+    ConfigError, StudyConfig, format_problems, load_config, model_source, resolve, text_source, validation_problems,
+)
 from search.heal import HealSettings
 from search.report import atomic_write, atomic_write_text
 
@@ -91,11 +93,7 @@ def confirm_settings(config: StudyConfig, source: Path | None = None) -> Confirm
     try:
         return ConfirmSettings(**(config.confirm or {}))
     except ValidationError as error:
-        problems = []
-        for item in error.errors():
-            key = ".".join(str(p) for p in ("confirm", *item["loc"]))
-            value = item.get("input")
-            problems.append(f"{key}: {item['msg']}" + ("" if isinstance(value, dict) else f" (got {value!r})"))
+        problems = validation_problems(error, prefix=("confirm",))
         raise ConfigError(format_problems(source or config.source, problems)) from None
 
 
