@@ -51,10 +51,12 @@ class SearchContext:
     select_strategies: tuple[str, ...] = SELECTING  # tags whose batches only pick the best (staging/racing apply)
     tune: Any = None  # executor ray: runs an Optuna sampler's trials as Ray Tune trials (search.workers.TuneRunner)
     _values: dict[str, float] = field(default_factory=dict)  # mask text -> full objective value
+    _recorded: dict[str, set[str]] = field(default_factory=dict)  # strategy -> masks it has trials for
 
     def __post_init__(self) -> None:
         for trial in self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
             self._values.setdefault(trial.user_attrs["mask"], trial.values[0])
+            self._recorded.setdefault(trial.user_attrs.get("strategy"), set()).add(trial.user_attrs["mask"])
 
     @property
     def num_layers(self) -> int:
@@ -89,9 +91,7 @@ class StrategyRun:
     _recorded: set[str] = field(default_factory=set)
 
     def __post_init__(self) -> None:
-        for trial in self.ctx.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
-            if trial.user_attrs.get("strategy") == self.strategy:
-                self._recorded.add(trial.user_attrs["mask"])
+        self._recorded = self.ctx._recorded.setdefault(self.strategy, set())  # shared: trials read once per study
 
     @property
     def seed(self) -> int:
