@@ -8,7 +8,7 @@ A new budget is one builder function plus one registry entry.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
@@ -59,6 +59,15 @@ class CostTable:
 
     def feasible(self, mask: KeepMask, target: float) -> bool:
         return self.cost(mask) <= self.limit(target) + 1e-9
+
+
+def budget_excess(costs: CostTable, mask: KeepMask, target: float,
+                  constraints: Sequence[tuple[CostTable, float]] = ()) -> float:
+    """0 when ``mask`` meets ``target`` and every extra constraint (metric, largest fraction of dense kept); else
+    the largest excess, as a fraction of that metric's dense cost (a constraint value for Optuna's samplers)."""
+    excess = [(costs.cost(mask) - costs.limit(target) - 1e-9) / costs.dense]
+    excess += [(table.cost(mask) - kept * table.dense - 1e-9) / table.dense for table, kept in constraints]
+    return max(0.0, *excess)
 
 
 def _num_params(modules) -> int:

@@ -78,6 +78,7 @@ class EngineSection(_Section):
     """How masks are scored: prefix reuse (exact) and optional staged selection (not exact)."""
 
     prefix_reuse: bool = True  # reuse hidden states of shared mask prefixes; same numbers as the plain loop
+    state_cache_mb: float = Field(1024, ge=0)  # prefix states kept across batches (per worker; 0: none)
     staged: bool = False  # score batches on a few sequences first, fully evaluate only the best
     stage_sequences: int = Field(2, ge=1)
     stage_keep: int = Field(4, ge=1)

@@ -17,7 +17,7 @@ from typing import Any, Iterable
 import optuna
 from optuna.distributions import IntDistribution
 
-from objectives.budgets import CostTable
+from objectives.budgets import CostTable, budget_excess
 from objectives.scorer import MaskScorer
 from search.engine import staged_survivors
 from surgery.mask import KeepMask
@@ -67,9 +67,7 @@ class SearchContext:
 
     def feasible(self, mask: KeepMask, target: float) -> bool:
         """Meets the budget target and every extra constraint."""
-        if not self.costs.feasible(mask, target):
-            return False
-        return all(table.cost(mask) <= kept * table.dense + 1e-9 for table, kept in self.constraints)
+        return budget_excess(self.costs, mask, target, self.constraints) == 0.0
 
     def cost_attrs(self, mask: KeepMask) -> dict[str, float]:
         return {table.name: table.cost(mask) for table in (self.costs, *self.extra_costs)}

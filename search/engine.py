@@ -4,8 +4,14 @@
 objective as :class:`~objectives.scorer.MaskScorer`, but runs the decoder layer by layer itself. The masks of a
 batch are visited in lexicographic order of their keep bits; two consecutive masks share every state up to
 their first differing sublayer (``KeepMask.first_difference``), so each mask is computed only from there on.
-States are kept only at the boundaries where a later mask of the batch branches off, and a layer is split at
-its attention/FFN boundary only where a branch starts there (sequential-residual families).
+States are kept at the boundaries where a later mask of the batch branches off, and a layer is split at its
+attention/FFN boundary only where a branch starts there (sequential-residual families).
+
+Across batches, a :class:`StateCache` (bounded in bytes, least recently used first out) keeps every mask's
+layer-boundary states keyed by the mask bits before the boundary: the state there depends on nothing else. A
+mask starts from the deepest cached state of its prefix. In a greedy step, removing sublayer ``a`` from the
+previous step's candidates ``m - i`` (``i < a``) gives this step's ``m - a - i``, which only has to be
+computed from ``a`` on; over a greedy run this cuts sublayer work from about half the plain loop's to a third.
 
 The layers are called exactly as the model calls them: each layer's arguments (attention mask, position
 embeddings, ...) are captured once from a real dense forward per micro-batch, removed sublayers are the
@@ -17,6 +23,7 @@ the model's own logits at capture time; a family whose head is not reproduced ra
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -33,6 +40,7 @@ _FINAL_NORM = {  # dotted path of the norm between the last decoder layer and th
 }
 _DEFAULT_FINAL_NORM = "model.norm"
 _MEMO_LIMIT = 200_000  # (mask, micro-batch) partial sums kept for staged selection
+DEFAULT_STATE_CACHE_MB = 1024
 
 
 class EngineError(ValueError):
@@ -69,6 +77,38 @@ class EngineCounters:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+class StateCache:
+    """Residual-stream states keyed by (micro-batch, mask bits before the boundary); LRU within ``limit_bytes``."""
+
+    def __init__(self, limit_bytes: int):
+        self.limit_bytes = max(0, int(limit_bytes))
+        self.bytes = 0
+        self.hits = 0
+        self._states: OrderedDict[tuple, torch.Tensor] = OrderedDict()
+
+    def put(self, chunk: tuple[int, int], prefix: tuple[bool, ...], state: torch.Tensor) -> None:
+        size = state.numel() * state.element_size()
+        key = (chunk, prefix)
+        if size > self.limit_bytes or key in self._states:
+            return
+        self._states[key] = state
+        self.bytes += size
+        while self.bytes > self.limit_bytes:
+            _, old = self._states.popitem(last=False)
+            self.bytes -= old.numel() * old.element_size()
+
+    def get(self, chunk: tuple[int, int], prefix: tuple[bool, ...]) -> torch.Tensor | None:
+        state = self._states.get((chunk, prefix))
+        if state is not None:
+            self._states.move_to_end((chunk, prefix))
+            self.hits += 1
+        return state
+
+    def clear(self) -> None:
+        self._states.clear()
+        self.bytes = 0
+
+
 class PlainBackend:
     """The plain loop: one full forward of the masked model per mask (``MaskScorer.score``)."""
 
@@ -89,8 +129,9 @@ class PlainBackend:
 class PrefixEngine:
     """Scores batches of masks with prefix reuse; same numbers as :class:`MaskScorer` (see module doc)."""
 
-    def __init__(self, scorer: MaskScorer):
+    def __init__(self, scorer: MaskScorer, *, state_cache_mb: float = DEFAULT_STATE_CACHE_MB):
         self.scorer = scorer
+        self.cache = StateCache(int(state_cache_mb * 2**20))
         self.model = scorer.model
         self.masker = scorer.masker
         self.layers = self.masker.layers
@@ -211,10 +252,10 @@ class PrefixEngine:
         if todo:
             chunk = self._chunk(start, size)
             reference = self.scorer.reference_rows(start, size)
-            states: dict[int, torch.Tensor] = {}
+            states: dict[tuple[bool, ...], torch.Tensor] = {}  # this batch's branch points, by prefix
             for k, bits in enumerate(todo):
-                begin = branches[k - 1] if k else 0
-                hidden = self._run(KeepMask(bits), chunk, begin, states, set(branches[k:]))
+                begin, hidden = self._start(bits, chunk, states)
+                hidden = self._run(KeepMask(bits), chunk, begin, hidden, states, set(branches[k:]))
                 self.counters.head_forwards += size
                 summed = self.scorer.objective.summed(self._logits(hidden), reference, chunk.ids)
                 self._remember((bits, start, size), float(summed))
@@ -225,10 +266,26 @@ class PrefixEngine:
             self._memo.clear()
         self._memo[key] = value
 
-    def _run(self, mask: KeepMask, chunk: _Chunk, begin: int, states: dict, keep_at: set[int]) -> torch.Tensor:
-        """Residual stream after the last layer, computed from sublayer boundary ``begin`` on."""
-        hidden = states[begin] if begin else chunk.h0
+    def _start(self, bits: tuple[bool, ...], chunk: _Chunk, states: dict) -> tuple[int, torch.Tensor]:
+        """The deepest boundary of ``bits`` with a known state (this batch's or the cache's), and that state."""
+        key = (chunk.start, len(chunk.ids))
+        for boundary in range(len(bits) - 1, 0, -1):
+            state = states.get(bits[:boundary])
+            if state is None:
+                state = self.cache.get(key, bits[:boundary])
+            if state is not None:
+                return boundary, state
+        return 0, chunk.h0
+
+    def _run(self, mask: KeepMask, chunk: _Chunk, begin: int, hidden: torch.Tensor, states: dict,
+             keep_at: set[int]) -> torch.Tensor:
+        """Residual stream after the last layer, from ``hidden`` at sublayer boundary ``begin`` on.
+
+        States at the boundaries in ``keep_at`` go to ``states`` (later masks of this batch branch there); every
+        layer boundary passed, and every split, also goes to the cross-batch cache.
+        """
         self.masker.apply(mask)
+        key = (chunk.start, len(chunk.ids))
         layer = begin // 2
         if begin % 2:  # entering the FFN of `layer`: finish that layer with its FFN only
             if mask.keeps(layer, FFN):
@@ -236,12 +293,15 @@ class PrefixEngine:
             layer += 1
         for index in range(layer, len(self.layers)):
             if 2 * index in keep_at:
-                states[2 * index] = hidden
+                states[mask.bits[: 2 * index]] = hidden
+            if 2 * index > begin:
+                self.cache.put(key, mask.bits[: 2 * index], hidden)
             attn, ffn = mask.keeps(index, ATTN), mask.keeps(index, FFN)
             if self.splittable and 2 * index + 1 in keep_at:
                 if attn:
                     hidden = self._call(index, hidden, chunk, mask, only=ATTN)
-                states[2 * index + 1] = hidden
+                states[mask.bits[: 2 * index + 1]] = hidden
+                self.cache.put(key, mask.bits[: 2 * index + 1], hidden)
                 if ffn:
                     hidden = self._call(index, hidden, chunk, mask, only=FFN)
             elif attn or ffn:
@@ -275,9 +335,10 @@ class PrefixEngine:
             setattr(self.layers[index], name, module)
 
 
-def make_scoring_backend(scorer: MaskScorer, *, prefix_reuse: bool = True) -> PrefixEngine | PlainBackend:
+def make_scoring_backend(scorer: MaskScorer, *, prefix_reuse: bool = True,
+                         state_cache_mb: float = DEFAULT_STATE_CACHE_MB) -> PrefixEngine | PlainBackend:
     """The in-process backend a study scores with: the prefix engine, or the plain loop."""
-    return PrefixEngine(scorer) if prefix_reuse else PlainBackend(scorer)
+    return PrefixEngine(scorer, state_cache_mb=state_cache_mb) if prefix_reuse else PlainBackend(scorer)
 
 
 def staged_survivors(partial: Sequence[float], keep: int) -> list[int]:

@@ -7,6 +7,7 @@ import random
 
 import optuna
 import pytest
+import torch
 
 from objectives.budgets import sublayer_costs
 from objectives.scorer import MaskScorer
@@ -130,3 +131,31 @@ def test_engine_section_defaults_are_exact():
         EngineSection(stage_keep=0)
     with pytest.raises(ValueError):
         Staging(sequences=0)
+
+
+def test_state_cache_resumes_the_next_greedy_step_from_the_previous_candidates(stories, stories_ids):
+    scorer = MaskScorer(stories[0], stories_ids, "js", batch_size=2)
+    cached, uncached = PrefixEngine(scorer), PrefixEngine(scorer, state_cache_mb=0)
+    parent = KeepMask.parse("AM,A-,AM,AM,AM")
+    step1 = [parent.without(i) for i in parent.kept]
+    assert cached.score_many(step1) == uncached.score_many(step1)
+    assert cached.counters.sublayer_forwards == uncached.counters.sublayer_forwards
+    chosen = parent.without(6)  # layer 3's attention: candidates removing an earlier sublayer resume from there
+    step2 = [chosen.without(i) for i in chosen.kept]
+    before = cached.counters.sublayer_forwards, uncached.counters.sublayer_forwards
+    values = cached.score_many(step2)
+    assert values == uncached.score_many(step2) == PlainBackend(scorer).score_many(step2)  # bit for bit
+    saved = (uncached.counters.sublayer_forwards - before[1]) - (cached.counters.sublayer_forwards - before[0])
+    assert saved > 0 and cached.cache.hits > 0
+    assert 0 < cached.cache.bytes <= cached.cache.limit_bytes
+
+
+def test_state_cache_stays_within_its_byte_limit():
+    from search.engine import StateCache
+
+    cache = StateCache(limit_bytes=3 * 4 * 10)
+    for i in range(5):
+        cache.put((0, 1), (True,) * i, torch.zeros(10))
+    assert cache.bytes == 120 and len(cache._states) == 3
+    assert [cache.get((0, 1), (True,) * i) is not None for i in range(5)] == [False, False, True, True, True]
+    assert cache.get((1, 1), (True,) * 4) is None  # another micro-batch

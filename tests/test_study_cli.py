@@ -15,7 +15,10 @@ import pandas as pd
 import pytest
 import yaml
 
+from search.config import load_config
 from search.study import main as study_main
+from search.workers import build_scorer
+from surgery.mask import KeepMask
 
 ROOT = Path(__file__).resolve().parents[1]
 ASSETS = ROOT / "studies" / "assets"
@@ -216,13 +219,24 @@ def test_sigkill_loses_no_trial_and_resume_matches_uninterrupted(tmp_path):
 
 @pytest.mark.slow
 def test_ray_executor_study_matches_in_process(tmp_path):
-    """executor ray: greedy batches on Ray actors, TPE trials as Ray Tune trials; greedy trials equal in-process."""
-    strategies = [{"name": "greedy_finercut"}, {"name": "tpe", "settings": {"n_trials": 6, "seed": 0}}]
+    """executor ray: greedy batches on Ray actors, TPE and NSGA-II trials as Ray Tune trials; greedy trials equal
+    in-process, and every Tune trial's value is the in-process score of its mask."""
+    strategies = [{"name": "greedy_finercut"}, {"name": "tpe", "settings": {"n_trials": 6, "seed": 0}},
+                  {"name": "nsga2", "settings": {"n_trials": 6, "population_size": 3, "seed": 0}}]
     local = trial_table(run_study(tmp_path, "local", strategies=strategies))
     on_ray = trial_table(run_study(tmp_path, "ray", strategies=strategies, executor={"kind": "ray", "workers": 2}))
     greedy = lambda table: table[table.strategy == "greedy_finercut"].set_index("mask").objective.sort_index()  # noqa: E731
     pd.testing.assert_series_equal(greedy(on_ray), greedy(local))
     tuned = on_ray[on_ray.strategy == "tpe"]
     assert len(tuned) >= 3 and tuned.objective.notna().all()
-    study = optuna.load_study(study_name="depthsearch:tpe:0.2", storage=f"sqlite:///{tmp_path / 'ray' / 'study.db'}")
+    storage = f"sqlite:///{tmp_path / 'ray' / 'study.db'}"
+    study = optuna.load_study(study_name="depthsearch:tpe:0.2", storage=storage)
     assert len(study.get_trials(deepcopy=False)) == 6  # every Tune trial counted for resume
+    nsga = optuna.load_study(study_name="depthsearch:nsga2", storage=storage).get_trials(deepcopy=False)
+    assert len(nsga) == 6 and all(len(t.values) == 2 for t in nsga)  # (objective, fraction kept) per Tune trial
+    assert all("constraints:budget" in t.system_attrs for t in nsga)
+    sampled = on_ray[on_ray.strategy.isin(["tpe", "nsga2"])]
+    assert (sampled.strategy == "nsga2").any()
+    scorer = build_scorer(load_config(tmp_path / "ray.yaml"))
+    for mask, value in zip(sampled["mask"], sampled.objective):
+        assert value == scorer.score(KeepMask.parse(mask))

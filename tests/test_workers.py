@@ -102,19 +102,19 @@ def test_ray_workers_give_the_in_process_trials_and_survive_a_killed_worker(conf
 
 @pytest.mark.slow
 def test_ray_tune_optuna_search_trials_are_recorded_with_in_process_values(config, tmp_path):
-    from search.workers import record_tune_results, tune_sampler
+    from search.workers import TuneBudget, record_tune_results, tune_sampler
 
     scorer = build_scorer(config)
     costs = sublayer_costs(scorer.model)
     warm = [KeepMask.parse("AM,AM,AM,A-,A-")]
-    results = tune_sampler(config, costs=costs, target=0.2, sampler=optuna.samplers.RandomSampler(seed=0),
+    results = tune_sampler(config, budget=TuneBudget(costs, 0.2), sampler=optuna.samplers.RandomSampler(seed=0),
                            n_trials=4, warm_start=warm, storage_path=str(tmp_path / "tune"))
     assert len(results) == 4
     assert any(r["mask"] == str(warm[0]) for r in results)  # the warm start was evaluated
     study = optuna.create_study(directions=["minimize", "minimize"])
     ctx = SearchContext(scorer=scorer, costs=costs, targets=(0.2,), study=study)
     run = ctx.strategy_run("random")
-    finished = record_tune_results(run, results, 0.2)
+    finished = record_tune_results(run, results, lambda mask: 0.2)
     assert run.forwards == 0 and len(study.trials) == len(finished) >= 1
     for mask, value in finished:
         assert value == scorer.score(mask)

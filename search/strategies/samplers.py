@@ -6,6 +6,7 @@ for NSGA-II), so re-running resumes them: ``n_trials`` counts the trials they al
 warm-started (``enqueue_trial``) with the best masks of the main study that meet the target, whatever strategy
 found them. The budget is a trial constraint (``trial.set_constraint``): a mask over it is not evaluated and
 gets the value ``PENALTY``; every other mask goes through ``run.evaluate``, so it is recorded in the main study.
+With ``executor: ray`` the same samplers propose masks for Ray Tune trials (``search.workers.TuneRunner``).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import contextlib
 
 import optuna
 
+from objectives.budgets import budget_excess
 from surgery.mask import KeepMask
 
 from ._common import Results, check_bool, check_int, known_feasible, targets, tightest_met
@@ -36,12 +38,7 @@ def quiet_optuna():
 
 def violation(run, mask: KeepMask, target: float) -> float:
     """0 when ``mask`` meets ``target`` and every extra constraint; else the largest excess (fraction of dense)."""
-    if run.ctx.feasible(mask, target):
-        return 0.0
-    costs = run.ctx.costs
-    excess = [(costs.cost(mask) - costs.limit(target)) / costs.dense]
-    excess += [table.cost(mask) / table.dense - kept for table, kept in run.ctx.constraints]
-    return max(max(excess), 1e-12)
+    return budget_excess(run.ctx.costs, mask, target, run.ctx.constraints)
 
 
 def suggest_mask(trial: optuna.Trial, sublayers: int) -> KeepMask:
@@ -91,6 +88,15 @@ class OptunaSampling(Strategy):
             with quiet_optuna():
                 study.optimize(objective, n_trials=self.n_trials - done)
 
+    def optimize_on_ray(self, run, study: optuna.Study, target: float, seed: int, **options) -> None:
+        """executor ray: the remaining trials run as Ray Tune trials (OptunaSearch with this sampler), with
+        ``target`` as the budget constraint; ``options`` go to the tune hook (``search.workers.TuneRunner``)."""
+        remaining = self.n_trials - len(study.get_trials(deepcopy=False, states=FINISHED))
+        if remaining > 0:
+            warm = options.pop("warm_start", None) or known_feasible(run, target, self.warm_start)
+            run.ctx.tune(run, study, sampler=self.sampler(seed), target=target, n_trials=remaining,
+                         warm_start=warm, **options)
+
     @staticmethod
     def best_for(run, study: optuna.Study, target: float) -> KeepMask | None:
         """Lowest-objective mask among the working study's completed trials that meets ``target``."""
@@ -122,13 +128,6 @@ class PerTargetSampling(OptunaSampling):
                 self.optimize(study, lambda trial, t=target: self._objective(run, trial, t))
             results[target] = self.best_for(run, study, target)
         return results
-
-    def optimize_on_ray(self, run, study: optuna.Study, target: float, seed: int) -> None:
-        """executor ray: the remaining trials run as Ray Tune trials (OptunaSearch with this sampler)."""
-        remaining = self.n_trials - len(study.get_trials(deepcopy=False, states=FINISHED))
-        if remaining > 0:
-            run.ctx.tune(run, study, sampler=self.sampler(seed), target=target, n_trials=remaining,
-                         warm_start=known_feasible(run, target, self.warm_start))
 
     @staticmethod
     def _objective(run, trial: optuna.Trial, target: float) -> float:
@@ -177,9 +176,14 @@ class NSGA2(OptunaSampling):
     def search(self, run) -> Results:
         seed = run.seed if self.seed is None else self.seed
         study = self.working_study(run, run.strategy, seed, ["minimize", "minimize"])
-        for target in targets(run):
-            self.enqueue_known(run, study, target)
-        self.optimize(study, lambda trial: self._objective(run, trial))
+        if run.ctx.tune is not None:
+            warm = list(dict.fromkeys(m for t in targets(run) for m in known_feasible(run, t, self.warm_start)))
+            self.optimize_on_ray(run, study, min(run.ctx.targets), seed, warm_start=warm,
+                                 objectives=("objective", "kept"), record_target=lambda m: tightest_met(run, m))
+        else:
+            for target in targets(run):
+                self.enqueue_known(run, study, target)
+            self.optimize(study, lambda trial: self._objective(run, trial))
         return {target: self.best_for(run, study, target) for target in targets(run)}
 
     @staticmethod
