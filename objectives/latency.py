@@ -156,12 +156,17 @@ def interleaved_ms(
     runners: Mapping[str, Callable[[], Any]], *, warmup: int, repeats: int, device, steps: int = 1
 ) -> dict[str, float]:
     """Median milliseconds per call of each runner; each repeat times ``steps`` calls, round-robin over the
-    runners (side by side) so that drift in the machine's load hits all of them alike."""
+    runners (side by side) so that drift in the machine's load hits all of them alike.
+
+    Each timed block follows one untimed call of the same runner, so every runner is timed with its weights
+    and cache warm, as when it serves alone (and as the profile times it), not cold from its neighbours.
+    """
     clock = clock_for(torch.device(device))
     times: dict[str, list[float]] = {name: [] for name in runners}
     with torch.inference_mode():
         for round_index in range(warmup + repeats):
             for name, run in runners.items():
+                run()
                 clock.sync()
                 start = clock.stamp()
                 for _ in range(steps):

@@ -168,3 +168,14 @@ def test_bench_command_prints_ratios(tmp_path, capsys):
 def test_bench_missing_export_is_a_user_error(tmp_path, capsys):
     code = study.main(["bench", str(tmp_path / "nope"), "--against", str(STORIES)])
     assert code == 2 and "no config.json" in capsys.readouterr().err
+
+
+def test_interleaved_timing_warms_each_runner_before_its_timed_block():
+    from objectives.latency import interleaved_ms
+
+    calls: list[str] = []
+    runners = {name: (lambda n=name: calls.append(n)) for name in ("dense", "export")}
+    times = interleaved_ms(runners, warmup=1, repeats=2, device="cpu", steps=3)
+    assert set(times) == {"dense", "export"} and all(t >= 0 for t in times.values())
+    # per round and runner: one untimed call, then the timed block of 3, never split by the other runner
+    assert calls == (["dense"] * 4 + ["export"] * 4) * 3
