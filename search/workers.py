@@ -329,7 +329,7 @@ class TuneRunner:
 
     The main study gets every feasible mask as a trial of the strategy (no forward pass in this process); the
     strategy's working study gets every Tune trial (its values for ``metrics`` and its budget constraint), so a
-    re-run counts them and resumes.
+    re-run counts them and resumes. Tune's own files go to ``<output_dir>/tune``.
     """
 
     def __init__(self, config: StudyConfig):
@@ -342,7 +342,8 @@ class TuneRunner:
             run.ctx.evaluator.close()  # the Tune trials need the workers' resources
         budget = TuneBudget(run.ctx.costs, target, tuple(run.ctx.constraints))
         results = tune_sampler(self.config, budget=budget, sampler=sampler, n_trials=n_trials,
-                               warm_start=warm_start, metrics=objectives)
+                               warm_start=warm_start, metrics=objectives,
+                               storage_path=str(Path(self.config.output_dir, "tune").resolve()))
         record_tune_results(run, results, record_target or (lambda mask: target))
         sublayers = len(run.ctx.costs.per_sublayer)
         for result in results:

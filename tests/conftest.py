@@ -38,6 +38,17 @@ def stories():
     return load_model(str(STORIES), dtype="float32", device="cpu")
 
 
+@pytest.fixture(autouse=True)
+def _stories_dense_after_each_test(request):
+    """The session's stories260k model is dense again after every test that used it (a scorer leaves its last
+    mask applied, and later tests copy or export the model)."""
+    yield
+    if "stories" in request.fixturenames:
+        masker = request.getfixturevalue("stories")[0].__dict__.get("_depthsearch_masker")
+        if masker is not None:
+            masker.restore()
+
+
 @pytest.fixture(scope="session")
 def stories_ids(stories) -> torch.Tensor:
     """4 calibration sequences of 64 tokens from the bundled text."""
