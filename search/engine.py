@@ -68,6 +68,11 @@ class _Chunk:
     h0: torch.Tensor
     calls: list[tuple[tuple, dict]]
 
+    @property
+    def key(self) -> tuple[int, int]:
+        """(first sequence, sequences): what the state cache files this micro-batch's states under."""
+        return self.start, len(self.ids)
+
 
 @dataclass
 class EngineCounters:
@@ -103,10 +108,6 @@ class StateCache:
             self._states.move_to_end((chunk, prefix))
             self.hits += 1
         return state
-
-    def clear(self) -> None:
-        self._states.clear()
-        self.bytes = 0
 
 
 class PlainBackend:
@@ -268,11 +269,10 @@ class PrefixEngine:
 
     def _start(self, bits: tuple[bool, ...], chunk: _Chunk, states: dict) -> tuple[int, torch.Tensor]:
         """The deepest boundary of ``bits`` with a known state (this batch's or the cache's), and that state."""
-        key = (chunk.start, len(chunk.ids))
         for boundary in range(len(bits) - 1, 0, -1):
             state = states.get(bits[:boundary])
             if state is None:
-                state = self.cache.get(key, bits[:boundary])
+                state = self.cache.get(chunk.key, bits[:boundary])
             if state is not None:
                 return boundary, state
         return 0, chunk.h0
@@ -285,7 +285,6 @@ class PrefixEngine:
         layer boundary passed, and every split, also goes to the cross-batch cache.
         """
         self.masker.apply(mask)
-        key = (chunk.start, len(chunk.ids))
         layer = begin // 2
         if begin % 2:  # entering the FFN of `layer`: finish that layer with its FFN only
             if mask.keeps(layer, FFN):
@@ -295,13 +294,13 @@ class PrefixEngine:
             if 2 * index in keep_at:
                 states[mask.bits[: 2 * index]] = hidden
             if 2 * index > begin:
-                self.cache.put(key, mask.bits[: 2 * index], hidden)
+                self.cache.put(chunk.key, mask.bits[: 2 * index], hidden)
             attn, ffn = mask.keeps(index, ATTN), mask.keeps(index, FFN)
             if self.splittable and 2 * index + 1 in keep_at:
                 if attn:
                     hidden = self._call(index, hidden, chunk, mask, only=ATTN)
                 states[mask.bits[: 2 * index + 1]] = hidden
-                self.cache.put(key, mask.bits[: 2 * index + 1], hidden)
+                self.cache.put(chunk.key, mask.bits[: 2 * index + 1], hidden)
                 if ffn:
                     hidden = self._call(index, hidden, chunk, mask, only=FFN)
             elif attn or ffn:

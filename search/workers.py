@@ -56,6 +56,12 @@ def build_scorer(config: StudyConfig, *, device: str | None = None):
                       topk=config.reference.topk)
 
 
+def scoring_backend(config: StudyConfig, scorer):
+    """The backend that scores masks in one process (in process or in a worker), per the config's ``engine``."""
+    return make_scoring_backend(scorer, prefix_reuse=config.engine.prefix_reuse,
+                                state_cache_mb=config.engine.state_cache_mb)
+
+
 class WorkerState:
     """What one worker process holds: the scorer and its backend, built once."""
 
@@ -63,8 +69,7 @@ class WorkerState:
         if threads:
             torch.set_num_threads(threads)
         self.scorer = build_scorer(config)
-        self.backend = make_scoring_backend(self.scorer, prefix_reuse=config.engine.prefix_reuse,
-                                            state_cache_mb=config.engine.state_cache_mb)
+        self.backend = scoring_backend(config, self.scorer)
 
     def score(self, masks: Sequence[str], sequences: int | None) -> tuple[list[float], int, int]:
         """(values, sublayer forwards, head forwards) for masks given as text."""
@@ -219,8 +224,7 @@ def make_evaluator(config: StudyConfig, scorer):
     """The evaluator for the config's executor: the in-process engine, a process pool, or Ray actors."""
     executor = config.executor
     if executor.kind == "inprocess":
-        return make_scoring_backend(scorer, prefix_reuse=config.engine.prefix_reuse,
-                                    state_cache_mb=config.engine.state_cache_mb)
+        return scoring_backend(config, scorer)
     if executor.kind == "processes":
         return ProcessEvaluator(config, workers=executor.workers,
                                 threads=int(executor.resources_per_worker.get("CPU", 1)) or 1)

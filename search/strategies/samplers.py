@@ -88,14 +88,17 @@ class OptunaSampling(Strategy):
             with quiet_optuna():
                 study.optimize(objective, n_trials=self.n_trials - done)
 
-    def optimize_on_ray(self, run, study: optuna.Study, target: float, seed: int, **options) -> None:
+    def optimize_on_ray(self, run, study: optuna.Study, target: float, seed: int, *,
+                        warm_start: list[KeepMask] | None = None, **options) -> None:
         """executor ray: the remaining trials run as Ray Tune trials (OptunaSearch with this sampler), with
-        ``target`` as the budget constraint; ``options`` go to the tune hook (``search.workers.TuneRunner``)."""
+        ``target`` as the budget constraint, warm-started with ``warm_start`` (default: the best known masks
+        meeting ``target``); ``options`` go to the tune hook (``search.workers.TuneRunner``)."""
         remaining = self.n_trials - len(study.get_trials(deepcopy=False, states=FINISHED))
         if remaining > 0:
-            warm = options.pop("warm_start", None) or known_feasible(run, target, self.warm_start)
+            if warm_start is None:
+                warm_start = known_feasible(run, target, self.warm_start)
             run.ctx.tune(run, study, sampler=self.sampler(seed), target=target, n_trials=remaining,
-                         warm_start=warm, **options)
+                         warm_start=warm_start, **options)
 
     @staticmethod
     def best_for(run, study: optuna.Study, target: float) -> KeepMask | None:
