@@ -14,12 +14,13 @@ import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
+from surgery.errors import UserError
 
 TASKS_DIR = Path(__file__).resolve().parent / "tasks"
 HUB_PREFIX = "hub:"
 
 
-class UnknownTaskError(ValueError):
+class UnknownTaskError(UserError):
     """A task name that neither the local task folder nor lm-eval's index knows."""
 
 

@@ -18,9 +18,10 @@ from surgery.mask import KeepMask
 from surgery.masking import masked
 
 from .registry import Registry
+from surgery.errors import UserError
 
 
-class BudgetError(ValueError):
+class BudgetError(UserError):
     """A budget target no mask can meet, or an unknown budget."""
 
 

@@ -7,9 +7,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from surgery.errors import UserError
 
 
-class DataError(ValueError):
+class DataError(UserError):
     """Text that cannot be loaded or is too short for the batch asked of it."""
 
 

@@ -32,11 +32,12 @@ from surgery.mask import KeepMask
 from surgery.masking import masked
 
 from .budgets import CostTable
+from surgery.errors import UserError
 
 PHASES = ("prefill", "decode")
 
 
-class LatencyError(ValueError):
+class LatencyError(UserError):
     """Bad latency settings, an unknown phase, or a profile that does not fit the model."""
 
 

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import difflib
 from typing import Generic, Iterator, TypeVar
+from surgery.errors import UserError
 
 T = TypeVar("T")
 
 
-class UnknownNameError(ValueError, KeyError):
+class UnknownNameError(UserError, KeyError):
     """A name not in a registry (a user error, and a lookup miss); the message suggests the closest name."""
 
     def __str__(self) -> str:

@@ -7,9 +7,10 @@ from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from surgery.errors import UserError
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A config that cannot be used; the message lists every problem (file, key, value)."""
 
 

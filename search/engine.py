@@ -32,6 +32,7 @@ import torch
 from objectives.scorer import MaskScorer
 from surgery.families import get_path
 from surgery.mask import ATTN, FFN, KeepMask
+from surgery.errors import UserError
 
 _FINAL_NORM = {  # dotted path of the norm between the last decoder layer and the output head
     "gpt2": "transformer.ln_f",
@@ -43,7 +44,7 @@ _MEMO_LIMIT = 200_000  # (mask, micro-batch) partial sums kept for staged select
 DEFAULT_STATE_CACHE_MB = 1024
 
 
-class EngineError(ValueError):
+class EngineError(UserError):
     """The fast engine cannot reproduce this model's forward (use ``engine.prefix_reuse: false``)."""
 
 

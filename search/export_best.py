@@ -16,9 +16,10 @@ from pathlib import Path
 import pandas as pd
 
 from search.report import StudyData, read_study
+from surgery.errors import UserError
 
 
-class ExportError(ValueError):
+class ExportError(UserError):
     """No mask meets the export budget, or a bad budget value."""
 
 

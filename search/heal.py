@@ -20,8 +20,9 @@ from torch import nn
 
 from objectives.calibration import DataError, TextSource, load_text, tokenize
 from surgery.families import family_for
+from surgery.errors import UserError
 
-class HealError(ValueError):
+class HealError(UserError):
     """Healing settings or data that cannot be used."""
 
 

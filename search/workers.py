@@ -30,12 +30,13 @@ from search.config import StudyConfig
 from search.engine import EngineCounters, Staging, make_scoring_backend
 from search.strategies.samplers import PENALTY
 from surgery.mask import KeepMask
+from surgery.errors import UserError
 
 
 ROOT = str(Path(__file__).resolve().parents[1])  # workers import this package from here
 
 
-class ExecutorError(ValueError):
+class ExecutorError(UserError):
     """An executor setting that cannot be used (the message names the key)."""
 
 

@@ -24,11 +24,12 @@ from . import pruned_modeling
 from .families import Family, family_for, get_path
 from .mask import ATTN, KeepMask, MaskError
 from .masking import masked
+from .errors import UserError
 
 MODULE_FILE = "pruned_modeling.py"
 
 
-class ExportError(ValueError):
+class ExportError(UserError):
     """An export that cannot be done: target directory in the way, or a mask that leaves no model."""
 
 

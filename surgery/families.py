@@ -11,9 +11,10 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from torch import nn
+from .errors import UserError
 
 
-class UnsupportedModelError(ValueError):
+class UnsupportedModelError(UserError):
     """The model's architecture has no row in the family table."""
 
 

@@ -9,10 +9,11 @@ import torch
 
 from .families import family_for
 from .pruned_modeling import PREFIX as PRUNED_PREFIX, pruned_classes
+from .errors import UserError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
-class ModelLoadError(ValueError):
+class ModelLoadError(UserError):
     """A model path or hub id that cannot be loaded."""
 
 def resolve_dtype(name: str) -> torch.dtype:

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import Iterable, Iterator
+from .errors import UserError
 
 ATTN, FFN = 0, 1
 KIND_NAMES = ("attn", "ffn")
 _ITEMS = {"AM": (True, True), "A-": (True, False), "-M": (False, True), "--": (False, False)}
 
 
-class MaskError(ValueError):
+class MaskError(UserError):
     """A keep-mask that cannot be parsed or does not fit the model."""
 
 

@@ -6,12 +6,13 @@ from typing import TYPE_CHECKING, ClassVar
 
 from objectives.registry import Registry
 from surgery.mask import KeepMask
+from surgery.errors import UserError
 
 if TYPE_CHECKING:
     from search.context import StrategyRun
 
 
-class StrategySettingsError(ValueError):
+class StrategySettingsError(UserError):
     """A strategy setting with a bad value (the message names the setting)."""
 
 
