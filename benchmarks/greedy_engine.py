@@ -78,7 +78,7 @@ def measure(name: str, mode: str, args) -> dict:
     if args.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     start, cpu = time.perf_counter(), time.process_time()
-    results = strategy.search(ctx.strategy_run("greedy_finercut"))
+    results = strategy.search(ctx.strategy_run("greedy_finercut", selection_only=strategy.selection_only))
     wall, cpu = time.perf_counter() - start, time.process_time() - cpu
     peak = (torch.cuda.max_memory_allocated() / 2**20 if args.device.startswith("cuda")
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
@@ -147,7 +147,9 @@ def main(argv=None) -> int:
                           f"CPU {runs[-1]['cpu_s']:.2f} s", file=sys.stderr, flush=True)
             print("\n".join(_summary(name, [r for r in runs if r["model"] == name])), flush=True)
     if args.json:
-        Path(args.json).write_text(json.dumps(runs, indent=1))
+        from surgery.files import atomic_write_text
+
+        atomic_write_text(args.json, json.dumps(runs, indent=1))
     return 0
 
 

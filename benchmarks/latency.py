@@ -26,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from objectives.budgets import CostTable, kv_cache_costs  # noqa: E402
 from objectives.latency import LatencySettings, interleaved_ms, phase_runner, prefill_flop_costs, profile_model  # noqa: E402
 from surgery.export import export_pruned  # noqa: E402
+from surgery.files import atomic_write_text  # noqa: E402
 from surgery.load import load_model  # noqa: E402
 from surgery.mask import KeepMask  # noqa: E402
 
@@ -174,7 +175,7 @@ def main(argv=None) -> int:
     text = markdown(results, command.strip(), args.threads)
     print(text)
     if args.out:
-        Path(args.out).write_text(text)
+        atomic_write_text(args.out, text)
     return 0
 
 

@@ -8,15 +8,18 @@ metric: the first metric its definition lists.
 
 from __future__ import annotations
 
-import difflib
 import functools
 import logging
 from dataclasses import dataclass, field
+from importlib.resources import files
 from pathlib import Path
 from typing import Any, Mapping, Sequence
+
 from surgery.errors import UserError
 
-TASKS_DIR = Path(__file__).resolve().parent / "tasks"
+from .registry import did_you_mean
+
+TASKS_DIR = Path(str(files("objectives.tasks")))  # lm-eval task YAMLs (package data)
 HUB_PREFIX = "hub:"
 
 
@@ -62,8 +65,7 @@ def local_tasks() -> list[str]:
 
 
 def _unknown(name: str, known: Sequence[str]) -> UnknownTaskError:
-    close = difflib.get_close_matches(name, list(dict.fromkeys(known)), n=5, cutoff=0.5)
-    hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+    hint = did_you_mean(name, known, n=5, cutoff=0.5, list_known=False)
     return UnknownTaskError(f"unknown benchmark task {name!r}{hint} (local tasks: {', '.join(local_tasks())})")
 
 

@@ -7,8 +7,7 @@ A new budget is one builder function plus one registry entry.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Callable
 
 import torch
 from torch import nn
@@ -16,67 +15,13 @@ from torch import nn
 from surgery.families import family_for, get_path, kv_shape
 from surgery.mask import KeepMask
 from surgery.masking import masked
+from surgery.params import num_params
 
+from .costs import BudgetError, CostTable, budget_excess
+from .latency import latency_decode_costs, latency_prefill_costs
 from .registry import Registry
-from surgery.errors import UserError
 
-
-class BudgetError(UserError):
-    """A budget target no mask can meet, or an unknown budget."""
-
-
-@dataclass(frozen=True)
-class CostTable:
-    """Additive cost model: ``fixed`` plus ``per_sublayer[i]`` for each kept flat sublayer i."""
-
-    name: str
-    unit: str
-    fixed: float
-    per_sublayer: tuple[float, ...]
-
-    def cost(self, mask: KeepMask) -> float:
-        return self.fixed + sum(c for c, keep in zip(self.per_sublayer, mask.bits) if keep)
-
-    @property
-    def dense(self) -> float:
-        return self.fixed + sum(self.per_sublayer)
-
-    def removed_fraction(self, mask: KeepMask) -> float:
-        """Fraction of the dense cost this mask removes."""
-        return 1.0 - self.cost(mask) / self.dense if self.dense else 0.0
-
-    def limit(self, target: float) -> float:
-        """Largest allowed cost for a target fraction removed (checked against what removing all allows)."""
-        if not 0.0 <= target < 1.0:
-            raise BudgetError(f"{self.name} target {target} must be a fraction removed in [0, 1)")
-        limit = (1.0 - target) * self.dense
-        if self.fixed > limit + 1e-9:
-            best = 1.0 - self.fixed / self.dense
-            raise BudgetError(
-                f"{self.name} target {target:.0%} removed is infeasible: removing every sublayer removes only "
-                f"{best:.1%} of {self.dense:g} {self.unit}"
-            )
-        return limit
-
-    def feasible(self, mask: KeepMask, target: float) -> bool:
-        return self.cost(mask) <= self.limit(target) + 1e-9
-
-
-def budget_excess(costs: CostTable, mask: KeepMask, target: float,
-                  constraints: Sequence[tuple[CostTable, float]] = ()) -> float:
-    """0 when ``mask`` meets ``target`` and every extra constraint (metric, largest fraction of dense kept); else
-    the largest excess, as a fraction of that metric's dense cost (a constraint value for Optuna's samplers)."""
-    excess = [(costs.cost(mask) - costs.limit(target) - 1e-9) / costs.dense]
-    excess += [(table.cost(mask) - kept * table.dense - 1e-9) / table.dense for table, kept in constraints]
-    return max(0.0, *excess)
-
-
-def _num_params(modules) -> int:
-    seen: dict[int, int] = {}
-    for module in modules:
-        for p in module.parameters():
-            seen[id(p)] = p.numel()
-    return sum(seen.values())
+__all__ = ["BUDGETS", "BudgetError", "CostTable", "budget_excess", "kv_cache_costs", "param_costs", "sublayer_costs"]
 
 
 def param_costs(model: nn.Module) -> CostTable:
@@ -92,8 +37,8 @@ def _param_table(model: nn.Module, family, layers) -> CostTable:
     for layer in layers:
         attn = [getattr(layer, family.attn)] + [getattr(layer, n) for n in family.attn_norms]
         ffn = [getattr(layer, n) for n in family.ffn + family.ffn_norms]
-        per_sublayer += [_num_params(attn), _num_params(ffn)]
-    total = _num_params([model])
+        per_sublayer += [num_params(*attn), num_params(*ffn)]
+    total = num_params(model)
     return CostTable("params", "parameters", float(total - sum(per_sublayer)), tuple(per_sublayer))
 
 
@@ -117,17 +62,5 @@ BUDGETS: Registry[BudgetBuilder] = Registry("budget")
 BUDGETS.add("params", param_costs)
 BUDGETS.add("kv_cache_bytes", kv_cache_costs)
 BUDGETS.add("sublayers", sublayer_costs)
-
-
-def _latency_budget(phase: str) -> BudgetBuilder:
-    def build(model: nn.Module, settings=None, **kwargs) -> CostTable:
-        from .latency import latency_costs  # lazy: profiling needs the model on its device
-
-        return latency_costs(model, phase, settings, **kwargs)
-
-    build.__doc__ = f"Measured {phase} milliseconds per kept sublayer (objectives.latency); settings: config latency:"
-    return build
-
-
-BUDGETS.add("latency_prefill_ms", _latency_budget("prefill"))
-BUDGETS.add("latency_decode_ms", _latency_budget("decode"))
+BUDGETS.add("latency_prefill_ms", latency_prefill_costs)  # measured on the study's device (objectives.latency)
+BUDGETS.add("latency_decode_ms", latency_decode_costs)

@@ -46,22 +46,62 @@ class BatchSpec:
     extra: dict = field(default_factory=dict, compare=False)
 
 
-def _read_file(path: Path, text_field: str) -> str:
+def read_text_file(path: Path) -> str:
+    """A UTF-8 text file; errors name the file, and the line of an undecodable byte or a NUL (binary data)."""
+    if path.is_dir():
+        raise DataError(f"{path}: is a directory, not a text file")
     if not path.is_file():
         raise DataError(f"text file not found: {path}")
-    if path.suffix == ".jsonl":
-        rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-        missing = [i for i, row in enumerate(rows) if text_field not in row]
-        if missing:
-            raise DataError(f"{path}: row {missing[0]} has no field {text_field!r}")
-        return "\n\n".join(str(row[text_field]) for row in rows)
-    return path.read_text(encoding="utf-8").replace("\r\n", "\n")
+    try:
+        data = path.read_bytes()
+        text = data.decode("utf-8")
+    except OSError as error:
+        raise DataError(f"{path}: cannot read ({error.strerror})") from None
+    except UnicodeDecodeError as error:
+        line = data.count(b"\n", 0, error.start) + 1
+        column = error.start - data.rfind(b"\n", 0, error.start)
+        raise DataError(f"{path}: not UTF-8 text (byte 0x{data[error.start]:02x} at line {line}, column {column}); "
+                        "convert it to UTF-8") from None
+    if "\0" in text:
+        line = text.count("\n", 0, text.index("\0")) + 1
+        raise DataError(f"{path}: line {line} holds a NUL byte: a binary file, not text")
+    return text.removeprefix("\ufeff").replace("\r\n", "\n")
+
+
+def _jsonl_text(path: Path, text: str, text_field: str) -> str:
+    """The ``text_field`` strings of a JSON-lines file; errors name the file and the 1-based line."""
+    parts = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError as error:
+            raise DataError(f"{path}: line {number} is not valid JSON ({error})") from None
+        if not isinstance(row, dict):
+            raise DataError(f"{path}: line {number}: expected a JSON object, got {type(row).__name__}")
+        if text_field not in row:
+            raise DataError(f"{path}: line {number} has no field {text_field!r}")
+        if not isinstance(row[text_field], str):
+            raise DataError(f"{path}: line {number}: field {text_field!r} is {type(row[text_field]).__name__}, "
+                            "expected a string")
+        parts.append(row[text_field])
+    return "\n\n".join(parts)
+
+
+def _read_file(path: Path, text_field: str) -> str:
+    text = read_text_file(path)
+    return _jsonl_text(path, text, text_field) if path.suffix == ".jsonl" else text
 
 
 def _read_dataset(source: TextSource) -> str:
-    import datasets  # heavy, optional: only for hub datasets
+    try:
+        import datasets  # heavy, optional: only for hub datasets
 
-    data = datasets.load_dataset(source.dataset, source.dataset_config, split=source.split)
+        data = datasets.load_dataset(source.dataset, source.dataset_config, split=source.split)
+    except Exception as error:  # noqa: BLE001 - offline, unknown name, no such split: the user's to fix
+        first = (str(error).strip().splitlines() or [""])[0]
+        raise DataError(f"dataset {source.describe()}: cannot load ({type(error).__name__}: {first})") from None
     if source.field not in data.column_names:
         raise DataError(f"dataset {source.dataset!r} has no column {source.field!r}; columns: {data.column_names}")
     return "\n\n".join(t for t in data[source.field] if t)

@@ -15,7 +15,6 @@ for ``decode_batch_size`` sequences, on a KV cache holding ``context`` tokens).
 from __future__ import annotations
 
 import json
-import os
 import platform
 import statistics
 import time
@@ -27,12 +26,13 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import nn
 
+from surgery.errors import UserError
 from surgery.families import family_for, get_path
+from surgery.files import atomic_write_text
 from surgery.mask import KeepMask
 from surgery.masking import masked
 
-from .budgets import CostTable
-from surgery.errors import UserError
+from .costs import CostTable
 
 PHASES = ("prefill", "decode")
 
@@ -301,12 +301,7 @@ class LatencyProfile:
 
     def save(self, path: str | Path) -> Path:
         """Atomic write (temp file + rename)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(self.to_json(), indent=1), encoding="utf-8")
-        os.replace(tmp, path)
-        return path
+        return atomic_write_text(path, json.dumps(self.to_json(), indent=1))
 
     @classmethod
     def load(cls, path: str | Path) -> LatencyProfile:

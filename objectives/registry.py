@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import difflib
-from typing import Generic, Iterator, TypeVar
+from typing import Generic, Iterable, Iterator, TypeVar
 from surgery.errors import UserError
 
 T = TypeVar("T")
@@ -16,9 +16,14 @@ class UnknownNameError(UserError, KeyError):
         return str(self.args[0])
 
 
-def did_you_mean(name: str, choices) -> str:
-    close = difflib.get_close_matches(str(name), list(choices), n=1)
-    return f"; did you mean {close[0]!r}?" if close else f"; known: {', '.join(sorted(choices))}"
+def did_you_mean(name: str, choices: Iterable[str], *, n: int = 1, cutoff: float = 0.6,
+                 list_known: bool = True) -> str:
+    """``"; did you mean 'x'?"`` with up to ``n`` close names; else ``"; known: a, b"`` (or ``""``)."""
+    choices = list(dict.fromkeys(choices))
+    close = difflib.get_close_matches(str(name), choices, n=n, cutoff=cutoff)
+    if close:
+        return f"; did you mean {', '.join(repr(c) for c in close)}?"
+    return f"; known: {', '.join(sorted(choices))}" if list_known else ""
 
 
 class Registry(Generic[T]):

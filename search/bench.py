@@ -23,27 +23,18 @@ from torch import nn
 
 from objectives.budgets import kv_cache_costs
 from objectives.latency import LatencySettings, interleaved_ms, model_device, phase_runner
+from surgery.errors import UserError
 from surgery.families import family_for, get_path
+from surgery.files import atomic_write_text
 from surgery.mask import KeepMask
+from surgery.params import num_params
 from surgery.pruned_modeling import SkippedAttention, SkippedFFN
 
 MIB = 2**20
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("export_dir", help="directory written by `export` (or any model directory / hub id)")
-    parser.add_argument("--against", required=True, help="the dense model it was pruned from")
-    parser.add_argument("--batch-size", type=int, default=1, help="prefill sequences (default 1)")
-    parser.add_argument("--seq-len", type=int, default=128, help="prefill tokens per sequence (default 128)")
-    parser.add_argument("--context", type=int, default=256, help="decode: tokens in the KV cache (default 256)")
-    parser.add_argument("--decode-batch-size", type=int, default=1, help="decode sequences (default 1)")
-    parser.add_argument("--decode-steps", type=int, default=8, help="decode steps per timed repeat (default 8)")
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=7, help="timed repeats; the median is reported (default 7)")
-    parser.add_argument("--dtype", default="float32", help="float32 (default), bfloat16 or float16")
-    parser.add_argument("--device", default="auto", help="auto (cuda when available), cpu, cuda:0, ...")
-    parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's)")
-    parser.add_argument("--json", default=None, help="also write the results to this JSON file")
+class BenchError(UserError):
+    """A flag or model the benchmark cannot use."""
 
 
 # measurements ------------------------------------------------------------------------------------------------
@@ -157,7 +148,7 @@ def compare(export: nn.Module, dense: nn.Module, settings: LatencySettings) -> d
             "prefill_tokens_per_s": prefill_tokens / timings["prefill"][who] * 1e3,
             "decode_ms": timings["decode"][who],
             "decode_tokens_per_s": settings.decode_batch_size / timings["decode"][who] * 1e3,
-            "parameters": sum(p.numel() for p in {id(p): p for p in model.parameters()}.values()),
+            "parameters": num_params(model),
             **memory,
         }
     ratios = {k: _ratio(rows["export"][k], rows["dense"][k]) for k in rows["export"]}
@@ -198,26 +189,54 @@ def format_table(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main(args: argparse.Namespace) -> int:
-    from surgery.load import load_model
+def _json_problem(path: str | None) -> str | None:
+    """Why the ``--json`` file could not be written (checked before the benchmark runs)."""
+    if path is None:
+        return None
+    target = Path(path)
+    if target.is_dir():
+        return f"--json {path}: is a directory"
+    parent = target.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        return f"--json {path}: cannot write into {parent}"
+    return None
 
+
+def _load_both(args: argparse.Namespace):
+    """(export, dense): every problem with the flags or the models named before anything is timed."""
+    from search.checks import device_problem, positions_problems
+    from surgery.cli import load_checked
+
+    problems = [p for p in (device_problem("--device", args.device), _json_problem(args.json)) if p]
+    if problems:
+        raise BenchError("; ".join(problems))
+    dense, _ = load_checked(args.against, dtype=args.dtype, device=args.device,
+                            trust_remote_code=args.trust_remote_code)
+    export, _ = load_checked(args.export_dir, dtype=args.dtype, device=args.device,
+                             trust_remote_code=args.trust_remote_code)
+    lengths = {"--seq-len": args.seq_len, "--context (+1 decoded token)": args.context + 1}
+    problems = positions_problems(dense.config, lengths, args.against)
+    problems += positions_problems(export.config, lengths, args.export_dir)
+    if problems:
+        raise BenchError("; ".join(problems))
+    return export, dense
+
+
+def main(args: argparse.Namespace) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     settings = LatencySettings.from_mapping(
         {"batch_size": args.batch_size, "seq_len": args.seq_len, "context": args.context,
          "decode_batch_size": args.decode_batch_size, "decode_steps": args.decode_steps, "warmup": args.warmup, "repeats": args.repeats}
     )
-    dense, _ = load_model(args.against, dtype=args.dtype, device=args.device)
-    export, _ = load_model(args.export_dir, dtype=args.dtype, device=args.device, trust_remote_code=True)
+    export, dense = _load_both(args)
     result = compare(export, dense, settings) | {"export_dir": args.export_dir, "against": args.against,
                                                  "repeats": settings.repeats, "device": str(model_device(dense))}
     print(f"bench {args.export_dir} against {args.against} on {result['device']}: prefill "
           f"{args.batch_size}x{args.seq_len} tokens, decode {args.decode_batch_size} x 1 token on {args.context} cached")
     print(format_table(result))
     if args.json:
-        path = Path(args.json)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(result, indent=1))
-        os.replace(tmp, path)
+        atomic_write_text(args.json, json.dumps(result, indent=1))
     return 0

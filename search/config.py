@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -9,13 +11,27 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from surgery.errors import UserError
 
+from surgery.gguf_source import GgufError, is_gguf, read_header
+
+MAX_ALIASES = 32  # YAML aliases allowed in a config: enough to share a few values, too few to expand a bomb
+MAX_NODES = 100_000  # nodes of the document with every alias expanded
+SEED_MAX = 2**32 - 1  # numpy and torch generators take seeds up to this
+
 
 class ConfigError(UserError):
     """A config that cannot be used; the message lists every problem (file, key, value)."""
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+def _no_nul(value):
+    """Paths and names: a NUL character is never part of one (the OS would refuse it later, less clearly)."""
+    for text in value if isinstance(value, list) else [value]:
+        if isinstance(text, str) and "\0" in text:
+            raise ValueError("contains a NUL character")
+    return value
 
 
 class ModelSection(_Section):
@@ -23,7 +39,9 @@ class ModelSection(_Section):
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     device: str = "auto"
     trust_remote_code: bool = False
-    threads: int | None = Field(None, ge=1)  # torch CPU threads (None: torch's default); 1 avoids oversubscription
+    threads: int | None = Field(None, ge=1, le=1024)  # torch CPU threads (None: torch's default); 1 avoids oversubscription
+
+    _names = field_validator("name")(_no_nul)
 
 
 class TextSection(_Section):
@@ -36,7 +54,9 @@ class TextSection(_Section):
     end: float = 1.0
     num_sequences: int = Field(8, ge=1)
     seq_len: int = Field(256, ge=2)
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=SEED_MAX)
+
+    _paths = field_validator("files")(_no_nul)
 
 
 class ReferenceSection(_Section):
@@ -84,15 +104,15 @@ class EngineSection(_Section):
     stage_sequences: int = Field(2, ge=1)
     stage_keep: int = Field(4, ge=1)
     racing: bool = False  # exact racing: candidates proven worse than the best are not finished (fewer trials)
-    select_strategies: list[str] = Field(  # strategy tags whose batches only pick the best (empty: all)
-        default_factory=lambda: ["greedy_finercut", "blockpruner", "sleb", "evolutionary"]
-    )
+    select_strategies: list[str] | None = None  # tags racing/staging apply to (empty: all; default: every strategy
+    # whose class declares selection_only: greedy_finercut, blockpruner, sleb, evolutionary, under any label)
 
 
 class StudyConfig(_Section):
     model: ModelSection
     calibration: TextSection
     heldout: TextSection
+    extra_heldout: dict[str, TextSection] = Field(default_factory=dict)  # more held-out text, scored like heldout
     objective: Literal["kl", "js", "ppl"] = "kl"
     reference: ReferenceSection = Field(default_factory=ReferenceSection)
     budget: BudgetSection = Field(default_factory=BudgetSection)
@@ -102,8 +122,10 @@ class StudyConfig(_Section):
     engine: EngineSection = Field(default_factory=EngineSection)
     confirm: dict[str, Any] = Field(default_factory=dict)  # validated by search.confirm
     latency: dict[str, Any] = Field(default_factory=dict)  # validated by objectives.latency
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=SEED_MAX)
     output_dir: str = "runs/study"
+
+    _paths = field_validator("storage", "output_dir")(_no_nul)
 
     source: Path | None = Field(None, exclude=True)  # the YAML file this came from
 
@@ -124,19 +146,80 @@ def validation_problems(error: ValidationError, prefix: tuple[str, ...] = ()) ->
     return problems
 
 
-def load_config(path: str | Path) -> StudyConfig:
-    """Parse and validate a study YAML; relative paths stay relative to the YAML's folder (see resolve)."""
-    path = Path(path)
+class _BoundedLoader(yaml.SafeLoader):
+    """SafeLoader that refuses duplicate keys, more than ``MAX_ALIASES`` aliases and documents that expand past
+    ``MAX_NODES`` nodes (alias bombs, recursive aliases)."""
+
+    def compose_node(self, parent, index):
+        if self.check_event(yaml.AliasEvent):
+            self.aliases = getattr(self, "aliases", 0) + 1
+            if self.aliases > MAX_ALIASES:
+                raise yaml.YAMLError(f"more than {MAX_ALIASES} aliases (*name), at {self.peek_event().start_mark}")
+        return super().compose_node(parent, index)
+
+    def construct_document(self, node):
+        if _expanded_size(node, {}) > MAX_NODES:
+            raise yaml.YAMLError(f"the document expands to more than {MAX_NODES} nodes through its aliases")
+        return super().construct_document(node)
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key, _ in node.value:
+            if isinstance(key, yaml.ScalarNode) and key.tag != "tag:yaml.org,2002:merge":
+                if key.value in seen:
+                    raise yaml.YAMLError(f"duplicate key {key.value!r}, at {key.start_mark}")
+                seen.add(key.value)
+        return super().construct_mapping(node, deep)
+
+
+def _expanded_size(node, memo: dict[int, int]) -> int:
+    if id(node) in memo:
+        return memo[id(node)]
+    memo[id(node)] = MAX_NODES + 1  # a node met again while counting it: a recursive alias
+    if isinstance(node, yaml.SequenceNode):
+        size = 1 + sum(_expanded_size(item, memo) for item in node.value)
+    elif isinstance(node, yaml.MappingNode):
+        size = 1 + sum(_expanded_size(k, memo) + _expanded_size(v, memo) for k, v in node.value)
+    else:
+        size = 1
+    memo[id(node)] = min(size, MAX_NODES + 1)
+    return memo[id(node)]
+
+
+def read_yaml(path: Path):
+    """The YAML document of ``path`` (UTF-8; bounded aliases, no duplicate keys), errors naming the file."""
+    if "\0" in str(path):
+        raise ConfigError(f"config path {str(path)!r} contains a NUL character")
+    if path.is_dir():
+        raise ConfigError(f"{path}: is a directory, not a YAML config file")
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = path.read_bytes()
+        text = data.decode("utf-8")
+    except OSError as error:
+        raise ConfigError(f"{path}: cannot read the config ({error.strerror})") from None
+    except UnicodeDecodeError as error:
+        line = data.count(b"\n", 0, error.start) + 1
+        raise ConfigError(f"{path}: not UTF-8 text (byte 0x{data[error.start]:02x} at line {line})") from None
+    try:
+        return yaml.load(text, Loader=_BoundedLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as error:
         raise ConfigError(f"{path}: not valid YAML: {error}") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: not valid YAML: nested too deeply") from None
+
+
+def load_config(path: str | Path) -> StudyConfig:
+    """Parse and validate a study YAML; relative paths stay relative to the YAML's folder (see resolve)."""
+    path = Path(path)
+    raw = read_yaml(path)
+    if raw is None:
+        raise ConfigError(f"{path}: the file is empty; a study config is a mapping (model:, calibration:, ...)")
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level, got {type(raw).__name__}")
     try:
-        config = StudyConfig(**raw)
+        config = StudyConfig.model_validate(raw)
     except ValidationError as error:
         raise ConfigError(format_problems(path, validation_problems(error))) from None
     config.source = path
@@ -153,8 +236,9 @@ def resolve(config: StudyConfig, relative: str) -> str:
 
 # checks that need no model weights ---------------------------------------------------------------------------
 def _looks_like_path(name: str) -> bool:
-    """Hub ids are ``name`` or ``org/name``; anything else (``./x``, ``/x``, ``a/b/c``, ``x\\y``) is a path."""
-    return name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name or Path(name).exists()
+    """Hub ids are ``name`` or ``org/name``; anything else (``./x``, ``/x``, ``a/b/c``, ``x\\y``, ``x.gguf``) is a path."""
+    return (name.startswith((".", "/", "~")) or name.count("/") > 1 or "\\" in name or is_gguf(name)
+            or Path(name).exists())
 
 
 def model_source(config: StudyConfig) -> tuple[str, bool]:
@@ -182,6 +266,12 @@ def text_source(config: StudyConfig, section: TextSection):
 
 def _check_model(config: StudyConfig) -> list[str]:
     name, local = model_source(config)
+    if local and is_gguf(name):
+        try:
+            read_header(name)
+        except GgufError as error:
+            return [f"model.name: {error}"]
+        return []
     if local and not (Path(name) / "config.json").is_file():
         what = "does not exist" if not Path(name).exists() else "has no config.json"
         return [f"model.name: model path {config.model.name!r} {what} (resolved to {name})"]
@@ -195,22 +285,47 @@ def _check_text(config: StudyConfig, key: str, section: TextSection) -> list[str
     if not 0.0 <= section.start < section.end <= 1.0:
         problems.append(f"{key}: slice start={section.start}, end={section.end} needs 0 <= start < end <= 1")
     for i, name in enumerate(section.files):
-        if not Path(resolve(config, name)).is_file():
-            problems.append(f"{key}.files.{i}: text file not found (got {name!r})")
+        path = Path(resolve(config, name))
+        if not path.is_file():
+            what = "is a directory, not a text file" if path.is_dir() else "text file not found"
+            problems.append(f"{key}.files.{i}: {what} (got {name!r})")
     return problems
+
+
+@dataclass(frozen=True)
+class HeldoutSet:
+    """One held-out text: its config key, its perplexity column in the report, and its section."""
+
+    key: str  # "heldout" or "extra_heldout.<name>"
+    column: str  # "heldout_ppl" or "heldout_ppl_<name>"
+    section: TextSection
+
+
+def heldout_sets(config: StudyConfig) -> list[HeldoutSet]:
+    """The held-out text sets: ``heldout`` first (the report's front uses it), then ``extra_heldout`` by name."""
+    extra = [HeldoutSet(f"extra_heldout.{name}", f"heldout_ppl_{name}", section)
+             for name, section in config.extra_heldout.items()]
+    return [HeldoutSet("heldout", "heldout_ppl", config.heldout), *extra]
 
 
 def _check_disjoint(config: StudyConfig) -> list[str]:
     """Held-out text must not overlap the calibration text (same source and overlapping slices)."""
-    cal, held = text_source(config, config.calibration).source, text_source(config, config.heldout).source
-    same_files = bool(cal.files) and set(cal.files) & set(held.files)
-    same_data = cal.dataset and (cal.dataset, cal.dataset_config, cal.split) == (held.dataset, held.dataset_config, held.split)
-    if (same_files or same_data) and cal.start < held.end and held.start < cal.end:
-        return [
-            f"heldout: held-out text {held.describe()} overlaps calibration text {cal.describe()}; "
-            "use disjoint slices (e.g. calibration end: 0.8, heldout start: 0.8) or other files"
-        ]
-    return []
+    cal = text_source(config, config.calibration).source
+    problems = []
+    for held_set in heldout_sets(config):
+        held = text_source(config, held_set.section).source
+        same_files = bool(cal.files) and set(cal.files) & set(held.files)
+        same_data = cal.dataset and (cal.dataset, cal.dataset_config, cal.split) == (held.dataset, held.dataset_config, held.split)
+        if (same_files or same_data) and cal.start < held.end and held.start < cal.end:
+            problems.append(
+                f"{held_set.key}: held-out text {held.describe()} overlaps calibration text {cal.describe()}; "
+                "use disjoint slices (e.g. calibration end: 0.8, heldout start: 0.8) or other files")
+    return problems
+
+
+def _check_heldout_names(config: StudyConfig) -> list[str]:
+    return [f"extra_heldout.{name}: names are letters, digits and underscores (got {name!r})"
+            for name in config.extra_heldout if not re.fullmatch(r"[A-Za-z0-9_]+", name)]
 
 
 def _check_strategies(config: StudyConfig) -> list[str]:
@@ -262,16 +377,42 @@ def _check_storage(config: StudyConfig) -> list[str]:
     return [f"storage: expected an Optuna storage URL (sqlite:///..., postgresql://...) or a journal file ending .log (got {url!r})"]
 
 
-def check_config(config: StudyConfig) -> None:
-    """Every problem found without loading weights, raised at once as one :class:`ConfigError`."""
-    text = [*_check_text(config, "calibration", config.calibration), *_check_text(config, "heldout", config.heldout)]
-    problems = [
+def _check_sections(config: StudyConfig) -> list[str]:
+    """The free-form ``latency:`` and ``confirm:`` mappings, validated by their owners."""
+    from objectives.latency import LatencyError, LatencySettings
+
+    problems = []
+    try:
+        LatencySettings.from_mapping(config.latency)
+    except LatencyError as error:
+        problems.append(str(error))
+    if config.confirm:
+        from search.confirm import confirm_settings
+
+        try:
+            confirm_settings(config)
+        except ConfigError as error:
+            problems += [line.strip() for line in str(error).splitlines()[1:]]
+    return problems
+
+
+def config_problems(config: StudyConfig) -> list[str]:
+    """Every problem found without loading weights or touching the disk beyond reading."""
+    text = [*_check_text(config, "calibration", config.calibration), *_check_heldout_names(config)]
+    text += [problem for held in heldout_sets(config) for problem in _check_text(config, held.key, held.section)]
+    return [
         *_check_model(config),
         *(text or _check_disjoint(config)),
         *_check_strategies(config),
         *_check_budget(config),
         *_check_storage(config),
+        *_check_sections(config),
     ]
+
+
+def check_config(config: StudyConfig) -> None:
+    """Every problem of :func:`config_problems`, raised at once as one :class:`ConfigError`."""
+    problems = config_problems(config)
     if problems:
         raise ConfigError(format_problems(config.source, problems))
 

@@ -28,7 +28,8 @@ from search.config import (
     ConfigError, StudyConfig, format_problems, load_config, model_source, resolve, text_source, validation_problems,
 )
 from search.heal import HealSettings
-from search.report import atomic_write, atomic_write_text
+from surgery.files import atomic_write, atomic_write_text
+from surgery.errors import UserError
 
 DEFAULT_TASKS = ["tinystories_ppl", "tinystories_cloze", "tinystories_next"]
 OUT_DIR = "confirm"
@@ -36,7 +37,11 @@ OUT_DIR = "confirm"
 
 # settings --------------------------------------------------------------------------------------------------
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+class ConfirmError(UserError):
+    """A study with nothing to confirm, or a budget no front mask meets."""
 
 
 class CorpusSection(_Section):
@@ -138,12 +143,12 @@ def study_front(study_dir: Path):
 
     study, _, _ = load_study(study_dir)
     if not study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
-        raise ValueError(f"{study_dir}: the study has no completed trials; run `python -m search.study run` first")
+        raise ConfirmError(f"{study_dir}: the study has no completed trials; run `python -m search.study run` first")
     data = read_study(study_dir)
     front = front_frame(data)
     front = front[front["mask"] != data.dense_mask] if not front.empty else front
     if front.empty:
-        raise ValueError(f"{study_dir}: the study's front holds no pruned mask scored on held-out text")
+        raise ConfirmError(f"{study_dir}: the study's front holds no pruned mask scored on held-out text")
     return front, data.size_metric
 
 
@@ -163,7 +168,7 @@ def pick_candidates(front: pd.DataFrame, size: str, *, top_k: int, budgets: list
         meets = front[front["removed_fraction"] >= budget - 1e-9]
         if meets.empty:
             most = front["removed_fraction"].max()
-            raise ValueError(f"no front mask removes >= {budget:.0%} of {size} (the front reaches {most:.1%})")
+            raise ConfirmError(f"--budgets {budget:g}: no front mask removes >= {budget:.0%} of {size} (the front reaches {most:.1%})")
         row = meets.sort_values("heldout_ppl", kind="stable").iloc[0]
         picked.setdefault(row["mask"], row_to(row, f"budget {budget:g}"))
     return list(picked.values())
@@ -327,17 +332,6 @@ def write_outputs(study_dir: Path, out: Path, dense: dict, records: list[dict], 
 
 
 # command ---------------------------------------------------------------------------------------------------
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("study_dir", help="a study's output directory (holds config.yaml and the storage)")
-    parser.add_argument("--top", type=int, help="confirm the K front masks with the lowest held-out perplexity")
-    parser.add_argument("--budgets", type=float, nargs="+", help="instead: the best front mask removing >= each fraction")
-    parser.add_argument("--config", help="take the confirm: settings from this YAML instead of the study's copy")
-    parser.add_argument("--tasks", nargs="+", help="override confirm.tasks")
-    parser.add_argument("--limit", type=int, help="override confirm.limit (samples per task)")
-    parser.add_argument("--steps", type=int, help="override confirm.heal.steps")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
-
-
 def load_settings(args: argparse.Namespace, config: StudyConfig) -> ConfirmSettings:
     """The confirm settings of the study (or --config), with the command-line overrides applied."""
     if args.config:
@@ -355,29 +349,40 @@ def load_settings(args: argparse.Namespace, config: StudyConfig) -> ConfirmSetti
 def main(args: argparse.Namespace) -> int:
     from objectives.benchmarks import check_tasks
 
+    from search.checks import device_problem
     from search.report import load_study
+    from search.studydir import StudyLock, study_model
 
     study_dir = Path(args.study_dir)
-    _, _, config = load_study(study_dir)
+    study, _, config = load_study(study_dir)
     settings = load_settings(args, config)
     check_tasks(settings.tasks)
+    problem = device_problem(f"{study_dir}/config.yaml: model.device", config.model.device)
+    if problem:
+        raise ConfirmError(problem)
     front, size = study_front(study_dir)
     candidates = pick_candidates(front, size, top_k=settings.top_k, budgets=settings.budgets)
     source = corpus_source(config, settings.heal.corpus)
-    return confirm(study_dir, config, settings, candidates, source, progress=not args.no_progress)
+    meta = study.user_attrs.get("meta") or {}
+    _, trust = study_model(study_dir, config, meta, trust_remote_code=args.trust_remote_code)
+    with StudyLock(study_dir, "python -m search.study confirm"):
+        return confirm(study_dir, config, settings, candidates, source, progress=not args.no_progress,
+                       trust_remote_code=trust)
 
 
 def confirm(study_dir: Path, config: StudyConfig, settings: ConfirmSettings, candidates: list[Candidate], source,
-            *, progress: bool = True) -> int:
-    """Run every candidate (skipping finished ones); write the outputs; exit code 1 if any candidate failed."""
+            *, progress: bool = True, trust_remote_code: bool | None = None) -> int:
+    """Run every candidate (skipping finished ones); write the outputs; exit code 1 if any candidate failed.
+    ``trust_remote_code``: None takes the config's setting (callers from the command line decide it)."""
     from tqdm.auto import tqdm
 
     from search.heal import corpus_windows
-    from surgery.load import load_model
+    from surgery.cli import load_checked
 
     name, _ = model_source(config)
-    dense, tokenizer = load_model(name, dtype=config.model.dtype, device=config.model.device,
-                                  trust_remote_code=config.model.trust_remote_code)
+    trust = config.model.trust_remote_code if trust_remote_code is None else trust_remote_code
+    dense, tokenizer = load_checked(name, dtype=config.model.dtype, device=config.model.device,
+                                    trust_remote_code=trust)
     data = corpus_windows(source, tokenizer, settings.heal.seq_len)
     out = study_dir / OUT_DIR
     out.mkdir(parents=True, exist_ok=True)

@@ -23,7 +23,6 @@ from search.engine import staged_survivors
 from surgery.mask import KeepMask
 
 MAIN_STUDY = "depthsearch"
-SELECTING = ("greedy_finercut", "blockpruner", "sleb", "evolutionary")  # evaluate_many batches feed an argmin
 
 
 def keep_params(mask: KeepMask) -> dict[str, int]:
@@ -48,7 +47,8 @@ class SearchContext:
     evaluator: Any = None  # batch scorer: score_many(masks, sequences) (search.engine / search.workers); None: plain
     staging: Any = None  # search.engine.Staging: staged selection in evaluate_many (None: exact, the default)
     racing: bool = False  # exact racing in evaluate_many: masks proven worse than the best are not finished
-    select_strategies: tuple[str, ...] = SELECTING  # tags whose batches only pick the best (staging/racing apply)
+    select_strategies: tuple[str, ...] | None = None  # override of the tags staging/racing apply to (empty: all;
+    # None: the strategies whose class declares ``selection_only``)
     tune: Any = None  # executor ray: runs an Optuna sampler's trials as Ray Tune trials (search.workers.TuneRunner)
     _values: dict[str, float] = field(default_factory=dict)  # mask text -> full objective value
     _recorded: dict[str, set[str]] = field(default_factory=dict)  # strategy -> masks it has trials for
@@ -72,8 +72,10 @@ class SearchContext:
     def cost_attrs(self, mask: KeepMask) -> dict[str, float]:
         return {table.name: table.cost(mask) for table in (self.costs, *self.extra_costs)}
 
-    def strategy_run(self, name: str) -> StrategyRun:
-        return StrategyRun(self, name)
+    def strategy_run(self, name: str, *, selection_only: bool = False) -> StrategyRun:
+        """A run recorded under tag ``name``; ``selection_only``: the strategy class's declaration
+        (``Strategy.selection_only``), which decides where staging and racing apply."""
+        return StrategyRun(self, name, selection_only=selection_only)
 
 
 @dataclass
@@ -82,6 +84,7 @@ class StrategyRun:
 
     ctx: SearchContext
     strategy: str
+    selection_only: bool = False  # the strategy's batches only pick their best (Strategy.selection_only)
     evaluations: int = 0  # distinct full evaluations asked for (cached ones included)
     forwards: int = 0  # sequences actually forwarded, partial stages included
     notes: list[str] = field(default_factory=list)
@@ -109,7 +112,7 @@ class StrategyRun:
     def evaluate_many(self, masks: Iterable[KeepMask], target: float | None = None) -> list[float]:
         """Full objective of each mask, in order; the context's evaluator batches them (prefix reuse, workers).
 
-        For strategies whose batches only feed an argmin (``ctx.select_strategies``): with ``ctx.racing`` masks
+        For strategies whose batches only feed an argmin (``selection_only``): with ``ctx.racing`` masks
         proven worse than the best come back as ``inf`` (same best mask and value as the plain loop); with
         ``ctx.staging`` only the best ``staging.keep`` masks on a few sequences are finished, the rest ``inf``.
         Only finished masks are recorded as trials.
@@ -149,7 +152,10 @@ class StrategyRun:
         return self._counted(lambda: self.ctx.evaluator.score_many(masks, sequences), sequences * len(masks))
 
     def _selects(self) -> bool:
-        return not self.ctx.select_strategies or self.strategy in self.ctx.select_strategies
+        chosen = self.ctx.select_strategies
+        if chosen is None:
+            return self.selection_only
+        return not chosen or self.strategy in chosen
 
     def _counted(self, score, nominal: int) -> list[float]:
         """Run an evaluator call, counting the sequences it really forwarded (``nominal`` if it cannot say)."""

@@ -30,16 +30,10 @@ from typing import Any, Sequence
 import torch
 
 from objectives.scorer import MaskScorer
+from surgery.errors import UserError
 from surgery.families import get_path
 from surgery.mask import ATTN, FFN, KeepMask
-from surgery.errors import UserError
 
-_FINAL_NORM = {  # dotted path of the norm between the last decoder layer and the output head
-    "gpt2": "transformer.ln_f",
-    "gpt_neox": "gpt_neox.final_layer_norm",
-    "opt": "model.decoder.final_layer_norm",
-}
-_DEFAULT_FINAL_NORM = "model.norm"
 _MEMO_LIMIT = 200_000  # (mask, micro-batch) partial sums kept for staged selection
 DEFAULT_STATE_CACHE_MB = 1024
 
@@ -138,13 +132,12 @@ class PrefixEngine:
         self.masker = scorer.masker
         self.layers = self.masker.layers
         self.splittable = self.masker.family.residual == "sequential"
-        self.norm = get_path(self.model, _FINAL_NORM.get(self.masker.family.name, _DEFAULT_FINAL_NORM))
+        self.norm = get_path(self.model, self.masker.family.final_norm)
         self.head = self.model.get_output_embeddings()
         self.softcap = getattr(self.model.config, "final_logit_softcapping", None)
         self.counters = EngineCounters()
         self._chunks: dict[tuple[int, int], _Chunk] = {}
         self._memo: dict[tuple[tuple[bool, ...], int, int], float] = {}
-        self._stand_ins: dict[tuple[int, int], dict] = {}
 
     # capture -----------------------------------------------------------------------------------------------
     def _chunk(self, start: int, count: int) -> _Chunk:
@@ -311,28 +304,17 @@ class PrefixEngine:
     def _call(self, index: int, hidden: torch.Tensor, chunk: _Chunk, mask: KeepMask, only: int | None = None):
         """One decoder layer under ``mask``, or only its ``only`` sublayer (the other one swapped out)."""
         swap = only is not None and mask.keeps(index, 1 - only)
-        if swap:  # the masker's stand-in for the other sublayer, set directly (no full re-apply)
-            self._set(index, self._stand_in(index, 1 - only))
+        if swap:  # the other sublayer's stand-in, for this call only (no full re-apply)
+            self.masker.swap(index, 1 - only, keep=False)
         args, kwargs = chunk.calls[index]
         try:
             out = _first(self.layers[index](hidden, *args, **kwargs))
         finally:
             if swap:
-                self._set(index, self.masker.originals[index][1 - only])
+                self.masker.swap(index, 1 - only, keep=True)
         kept = (mask.keeps(index, ATTN) + mask.keeps(index, FFN)) if only is None else 1
         self.counters.sublayer_forwards += kept * len(hidden)
         return out
-
-
-    def _stand_in(self, index: int, kind: int) -> dict:
-        key = (index, kind)
-        if key not in self._stand_ins:
-            self._stand_ins[key] = self.masker._stand_ins(index, kind)
-        return self._stand_ins[key]
-
-    def _set(self, index: int, modules: dict) -> None:
-        for name, module in modules.items():
-            setattr(self.layers[index], name, module)
 
 
 def make_scoring_backend(scorer: MaskScorer, *, prefix_reuse: bool = True,

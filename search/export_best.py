@@ -23,18 +23,6 @@ class ExportError(UserError):
     """No mask meets the export budget, or a bad budget value."""
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("study_dir", help="a study's output directory")
-    budget = parser.add_mutually_exclusive_group(required=True)
-    budget.add_argument("--max-params", type=float, metavar="N", help="at most N parameters")
-    budget.add_argument("--max-removed", type=float, metavar="K",
-                        help="remove K sublayers (a count), or the fraction K of all sublayers when K < 1")
-    parser.add_argument("--objective", choices=("heldout_ppl", "calibration"), default="heldout_ppl",
-                        help="rank masks by held-out perplexity (default) or by the calibration objective")
-    parser.add_argument("--out", required=True, help="directory for the exported model")
-    parser.add_argument("--force", action="store_true", help="replace an existing export directory")
-
-
 def removal_limit(max_removed: float, num_sublayers: int) -> int:
     """Sublayer count from ``--max-removed``: a count, or a fraction of ``num_sublayers`` when below 1."""
     if max_removed <= 0:
@@ -75,20 +63,26 @@ def select(data: StudyData, *, max_params=None, max_removed=None, objective: str
 
 def main(args: argparse.Namespace) -> int:
     from search.report import load_study
-    from surgery.export import export_pruned
-    from surgery.load import load_model
+    from search.config import model_source
+    from search.studydir import study_model
+    from surgery.cli import load_checked
+    from surgery.export import check_target, export_pruned
     from surgery.mask import KeepMask
 
-    data = read_study(Path(args.study_dir))
+    study_dir = Path(args.study_dir)
+    data = read_study(study_dir)
+    _, _, config = load_study(study_dir)
+    name, trust = study_model(study_dir, config, data.meta, trust_remote_code=args.trust_remote_code)
     best = select(data, max_params=args.max_params, max_removed=args.max_removed, objective=args.objective)
-    _, _, config = load_study(Path(args.study_dir))
-    model, tokenizer = load_model(config.model.name, dtype=config.model.dtype, device="cpu",
-                                  trust_remote_code=config.model.trust_remote_code)
+    local = model_source(config)[1]
+    protect = (("the study", study_dir), ("the source model", Path(name) if local else None))
+    check_target(Path(args.out), args.force, protect=protect)  # before the model is loaded
+    model, tokenizer = load_checked(name, dtype=config.model.dtype, device="cpu", trust_remote_code=trust)
     metrics = {key: _plain(best[key]) for key in ("strategy", "objective", "heldout_ppl", "removed_attn",
                                                     "removed_ffn", *data.meta["dense"]) if key in best}
     metrics.update(calibration_objective=data.meta["objective"], study=str(args.study_dir))
     out = export_pruned(model, tokenizer, KeepMask.parse(best["mask"]), Path(args.out),
-                        source=config.model.name, metrics=metrics, force=args.force)
+                        source=config.model.name, metrics=metrics, force=args.force, protect=protect)
     ppl = "-" if pd.isna(best["heldout_ppl"]) else f"{best['heldout_ppl']:.4g}"
     size = int(best['params']) if 'params' in best else '?'
     print(f"exported {best['mask']} (found by {best['strategy']}, {size} params, "

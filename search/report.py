@@ -9,43 +9,25 @@ versus held-out perplexity, with the strategy that found each point), ``pareto.p
 from __future__ import annotations
 
 import argparse
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import pandas as pd
 
-from surgery.mask import KeepMask
+from surgery.files import atomic_write, atomic_write_text
+from surgery.mask import KeepMask, sublayer_name
 
 STRATEGY_ATTR = "strategy:"
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("study_dir", help="a study's output directory (holds config.yaml)")
-
-
 def main(args: argparse.Namespace) -> int:
-    paths = write_report(Path(args.study_dir))
+    from search.studydir import StudyLock
+
+    load_study(Path(args.study_dir))  # a study directory, or one clear error
+    with StudyLock(Path(args.study_dir), "python -m search.study report"):
+        paths = write_report(Path(args.study_dir))
     print(f"report written: {', '.join(str(p) for p in paths.values())}")
     return 0
-
-
-# atomic writes ---------------------------------------------------------------------------------------------
-def atomic_write(path: Path, write: Callable[[Path], object]) -> Path:
-    """``write(tmp)`` then rename onto ``path``: readers never see a half-written file."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
-
-
-def atomic_write_text(path: Path, text: str) -> Path:
-    return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
 # loading ---------------------------------------------------------------------------------------------------
@@ -59,6 +41,11 @@ class StudyData:
     records: dict[str, dict]  # strategy tag -> results, evaluations, forwards, wall_s, notes
     heldout: dict[str, float]  # mask -> held-out perplexity
     trials: pd.DataFrame = field(default_factory=pd.DataFrame)
+    extra_heldout: dict[str, dict[str, float]] = field(default_factory=dict)  # column -> mask -> perplexity
+
+    def heldout_columns(self, mask: str) -> dict[str, float | None]:
+        """``heldout_ppl`` and each ``heldout_ppl_<name>`` of ``mask`` (None where it was not scored)."""
+        return {"heldout_ppl": self.heldout.get(mask), **{c: ppl.get(mask) for c, ppl in self.extra_heldout.items()}}
 
     @property
     def size_metric(self) -> str:
@@ -71,26 +58,29 @@ class StudyData:
 
 def load_study(study_dir: Path):
     """(optuna study, storage URL, config) of a study directory."""
-    import optuna
-
-    from search.config import load_config, open_storage, storage_url
-    from search.context import MAIN_STUDY
+    from search.checks import storage_problems
+    from search.config import load_config, storage_url
+    from search.studydir import StudyDirError, open_study
 
     study_dir = Path(study_dir)
     copy = study_dir / "config.yaml"
+    if not study_dir.is_dir():
+        why = "it is not a directory" if study_dir.exists() else "it does not exist"
+        raise StudyDirError(f"{study_dir} is not a study directory: no config.yaml ({why})")
     if not copy.is_file():
-        raise FileNotFoundError(f"{study_dir} is not a study directory: no config.yaml (run `search.study run` first)")
+        raise StudyDirError(f"{study_dir} is not a study directory: no config.yaml (run `search.study run` first)")
     config = load_config(copy)
     url = storage_url(config.storage, study_dir)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    try:
-        study = optuna.load_study(study_name=MAIN_STUDY, storage=open_storage(url))
-    except KeyError:
-        raise FileNotFoundError(f"no study {MAIN_STUDY!r} in {url}") from None
+    problems = storage_problems(url, study_dir, key=f"{copy}: storage", must_exist=True)
+    if problems:
+        raise StudyDirError("; ".join(problems))
+    study = open_study(url, create=False)
+    if study is None:
+        raise StudyDirError(f"{study_dir}: no study 'depthsearch' in {url} (run `search.study run` first)")
     return study, url, config
 
 
-def trials_frame(study, meta: dict, heldout: dict[str, float]) -> pd.DataFrame:
+def trials_frame(study, meta: dict, data: StudyData) -> pd.DataFrame:
     """One row per evaluated mask and strategy, in trial order."""
     import optuna
 
@@ -105,10 +95,10 @@ def trials_frame(study, meta: dict, heldout: dict[str, float]) -> pd.DataFrame:
         row["removed"] = (row["removed_attn"] or 0) + (row["removed_ffn"] or 0)
         row.update({name: attrs.get(name) for name in meta["dense"]})
         row["objective"] = trial.values[0]
-        row["heldout_ppl"] = heldout.get(mask)
+        row.update(data.heldout_columns(mask))
         rows.append(row)
     columns = ["trial", "strategy", "target", "mask", "removed_attn", "removed_ffn", "removed", *meta["dense"],
-               "objective", "heldout_ppl"]
+               "objective", "heldout_ppl", *data.extra_heldout]
     return pd.DataFrame(rows, columns=columns)
 
 
@@ -116,11 +106,15 @@ def read_study(study_dir: Path) -> StudyData:
     study, url, _ = load_study(study_dir)
     attrs = study.user_attrs
     if "meta" not in attrs:
-        raise FileNotFoundError(f"{study_dir}: the study has no run metadata yet (run `search.study run` first)")
+        from search.studydir import StudyDirError
+
+        raise StudyDirError(f"{study_dir}: the study has no run metadata yet (run `search.study run` first)")
     records = {k[len(STRATEGY_ATTR):]: v for k, v in attrs.items() if k.startswith(STRATEGY_ATTR)}
     heldout = (attrs.get("heldout") or {}).get("ppl", {})
     data = StudyData(Path(study_dir), url, attrs["meta"], records, heldout)
-    data.trials = trials_frame(study, data.meta, heldout)
+    data.extra_heldout = {f"heldout_ppl_{k[len('heldout:'):]}": (v or {}).get("ppl", {})
+                          for k, v in sorted(attrs.items()) if k.startswith("heldout:")}
+    data.trials = trials_frame(study, data.meta, data)
     return data
 
 
@@ -180,8 +174,9 @@ def results_frame(data: StudyData) -> pd.DataFrame:
     for tag, record in data.records.items():
         for key, mask in record.get("results", {}).items():
             rows.append({"target": float(key), "strategy": tag, "mask": mask, metric: costs.get(mask),
-                         "objective": objective.get(mask), "heldout_ppl": data.heldout.get(mask)})
-    frame = pd.DataFrame(rows, columns=["target", "strategy", "mask", metric, "objective", "heldout_ppl"])
+                         "objective": objective.get(mask), **data.heldout_columns(mask)})
+    frame = pd.DataFrame(rows, columns=["target", "strategy", "mask", metric, "objective", "heldout_ppl",
+                                        *data.extra_heldout])
     optimum = {float(k): objective.get(m) for k, m in _exhaustive(data).get("results", {}).items() if m}
     frame["optimum"] = frame["target"].map(optimum)
     frame["gap"] = frame["objective"] - frame["optimum"]
@@ -226,21 +221,61 @@ def _strategy_table(data: StudyData, results: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def _is_seed(data: StudyData, tag: str) -> bool:
+    """Whether a strategy tag ran one of the published baselines (``Strategy.seed_method``)."""
+    from search.strategies import STRATEGIES
+
+    name = data.records.get(tag, {}).get("name", tag)
+    return name in STRATEGIES and bool(getattr(STRATEGIES.get(name), "seed_method", False))
+
+
+def _best_row(group: pd.DataFrame, columns: list[str]):
+    group = group.dropna(subset=columns)
+    return None if group.empty else group.sort_values(columns[0], kind="stable").iloc[0]
+
+
+def comparison_frame(data: StudyData, results: pd.DataFrame) -> pd.DataFrame:
+    """Per target: the best seed method and the best of the project's own strategies on each held-out set."""
+    columns = ["heldout_ppl", *data.extra_heldout]
+    seeds = results["strategy"].map(lambda tag: _is_seed(data, tag))
+    rows = []
+    for target, group in results.groupby("target", sort=True):
+        seed, own = _best_row(group[seeds[group.index]], columns), _best_row(group[~seeds[group.index]], columns)
+        if seed is None or own is None:
+            continue
+        row = {"target": target, "best seed": seed["strategy"], "best own": own["strategy"]}
+        for column in columns:
+            label = "held-out ppl" + ("" if column == "heldout_ppl" else " " + column[len("heldout_ppl_"):])
+            row[f"{label} seed"], row[f"{label} own"] = seed[column], own[column]
+            row[f"{label} change"] = f"{own[column] / seed[column] - 1:+.1%}"
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def _dense_heldout_text(data: StudyData) -> str:
+    parts = [f"{'' if c == 'heldout_ppl' else c[len('heldout_ppl_'):] + ' '}{'-' if v is None else f'{v:.4g}'}"
+             for c, v in data.heldout_columns(data.dense_mask).items()]
+    return ", ".join(parts)
+
+
 def summary_markdown(data: StudyData, results: pd.DataFrame, front: pd.DataFrame) -> str:
     meta, metric = data.meta, data.meta["budget_metric"]
-    dense_ppl = data.heldout.get(data.dense_mask)
     lines = [f"# Study {data.study_dir}", "",
              f"model `{meta['model']}`, {meta['num_layers']} layers; objective `{meta['objective']}` on calibration "
              f"text; budget `{metric}` (dense {meta['dense'][metric]:g} {meta.get('units', {}).get(metric, '')}); "
-             f"{len(data.trials)} trials. Dense model: held-out perplexity "
-             f"{'-' if dense_ppl is None else f'{dense_ppl:.4g}'}.", "",
+             f"{len(data.trials)} trials. Dense model: held-out perplexity {_dense_heldout_text(data)}.", "",
              "## Strategies", "", _md_table(_strategy_table(data, results)), ""]
     for target, group in results.groupby("target", sort=True):
         limit = (1 - target) * meta["dense"][metric]
         table = pd.DataFrame({"strategy": group["strategy"], "mask": group["mask"], metric: group[metric],
                               "objective": group["objective"], "gap vs exhaustive": [_gap_text(r) for r in group.itertuples()],
-                              "held-out ppl": group["heldout_ppl"]})
+                              "held-out ppl": group["heldout_ppl"],
+                              **{f"held-out ppl {c[len('heldout_ppl_'):]}": group[c] for c in data.extra_heldout}})
         lines += [f"## Budget: {target:.0%} of {metric} removed ({metric} <= {limit:g})", "", _md_table(table), ""]
+    comparison = comparison_frame(data, results)
+    if not comparison.empty:
+        lines += ["## Seed methods vs the project's own search (best of each at each target, on held-out text)", "",
+                  _md_table(comparison), ""]
     lines += ["## Pareto front: size vs held-out perplexity", "", _md_table(front) if not front.empty else "(empty)", ""]
     return "\n".join(lines)
 
@@ -323,7 +358,7 @@ def plot_layers_png(data: StudyData, front: pd.DataFrame, path: Path) -> Path:
     grid = np.array([[0.0 if keep else 1.0 for keep in KeepMask.parse(m).bits] for m in rows["mask"]])
     fig, axis = plt.subplots(figsize=(max(6, 0.35 * 2 * layers + 3), max(2.5, 0.35 * len(rows) + 1.5)))
     axis.imshow(grid, cmap="Reds", vmin=0, vmax=1.4, aspect="auto")
-    axis.set_xticks(range(2 * layers), [f"L{i // 2}.{'AM'[i % 2]}" for i in range(2 * layers)], rotation=90, fontsize=7)
+    axis.set_xticks(range(2 * layers), [sublayer_name(i) for i in range(2 * layers)], rotation=90, fontsize=7)
     size = data.size_metric
     labels = [f"{_short(r.strategy)} | {getattr(r, size):.4g} {size} | ppl {r.heldout_ppl:.3g}" if size in rows
               else r.strategy for r in rows.itertuples()]

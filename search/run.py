@@ -1,9 +1,11 @@
 """``run``: validate a study config, run every strategy into one Optuna study, score held-out text, report.
 
 Everything that can be checked is checked before anything is written: the config (file, key and value of
-each problem, all at once), then what needs the model (budget feasibility, enough text, held-out text that
-differs from the calibration text). Re-running the same command resumes: strategies marked done are skipped,
-evaluated masks come back from the storage, held-out perplexities are cached in the study's user attrs.
+each problem, all at once), the device, storage and output directory, then what needs the model (positions,
+budget feasibility, enough text, held-out text that differs from the calibration text) and the stored study's
+fingerprint. Only then is the directory created and locked (``search.studydir``). Re-running the same command
+resumes: strategies marked done are skipped, evaluated masks come back from the storage, held-out perplexities
+are cached in the study's user attrs.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 import argparse
 import inspect
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import optuna
@@ -21,44 +23,50 @@ from tqdm.auto import tqdm
 
 from objectives.budgets import BUDGETS, BudgetError, CostTable
 from objectives.calibration import DataError, token_batch
+from search.checks import device_problem, positions_problems, storage_problems
 from search.config import (
     ConfigError,
     StudyConfig,
-    check_config,
+    config_problems,
     format_problems,
+    heldout_sets,
     load_config,
     model_source,
-    open_storage,
     storage_url,
     text_source,
 )
-from search.context import MAIN_STUDY, SearchContext
-from search.report import atomic_write_text, write_report
+from search.studydir import CONFIG_COPY, output_dir_problem
+from search import studydir
+from search.context import SearchContext
+from search.report import write_report
+from surgery.files import atomic_write_text
 from surgery.mask import KeepMask
 
-CONFIG_COPY = "config.yaml"
 STRATEGY_ATTR = "strategy:"  # study user attr prefix: one record per strategy tag
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("config", help="study YAML (see studies/)")
-    parser.add_argument("--dry-run", action="store_true", help="validate and print the plan; load no weights")
-    parser.add_argument("--output-dir", help="override the config's output_dir")
-    parser.add_argument("--storage", help="override the config's Optuna storage (URL, or a journal file *.log)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def main(args: argparse.Namespace) -> int:
     config = load_config(args.config)
-    if args.output_dir:
+    if args.output_dir is not None:
         config.output_dir = args.output_dir
-    if args.storage:
+    if args.storage is not None:
         config.storage = args.storage
-    check_config(config)
+    problems = config_problems(config) + environment_problems(config, dry_run=args.dry_run)
+    if problems:
+        raise ConfigError(format_problems(config.source, problems))
     if args.dry_run:
         print(describe_plan(config, _probe(config)))
         return 0
     return execute(config, progress=not args.no_progress)
+
+
+def environment_problems(config: StudyConfig, *, dry_run: bool = False) -> list[str]:
+    """What the config points at on this machine: the device (not for a dry run, which may plan for another
+    machine), the storage and the output directory. Reads only."""
+    out = Path(config.output_dir)
+    problems = [] if dry_run else [p for p in [device_problem("model.device", config.model.device)] if p]
+    problems += storage_problems(storage_url(config.storage, out), out)
+    return problems + [p for p in [output_dir_problem(out)] if p]
 
 
 # validation that needs the model ---------------------------------------------------------------------------
@@ -69,6 +77,7 @@ class Prepared:
     costs: dict[str, CostTable]
     calibration: torch.Tensor | None = None
     heldout: torch.Tensor | None = None
+    extra_heldout: dict[str, torch.Tensor] = field(default_factory=dict)  # report column -> token batch
 
 
 def budget_names(config: StudyConfig) -> list[str]:
@@ -78,10 +87,10 @@ def budget_names(config: StudyConfig) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def build_cost(name: str, model, config: StudyConfig) -> CostTable:
+def build_cost(name: str, model, config: StudyConfig, study_dir: Path | None = None) -> CostTable:
+    """The cost table of budget ``name``; measured budgets keep their profile in ``study_dir`` (once it is ours)."""
     builder = BUDGETS.get(name)
-    if "settings" in inspect.signature(builder).parameters:  # measured budgets: profile kept in the study dir
-        study_dir = config.output_dir if Path(config.output_dir).is_dir() else None
+    if "settings" in inspect.signature(builder).parameters:
         return builder(model, settings=dict(config.latency), study_dir=study_dir)
     return builder(model)
 
@@ -103,21 +112,41 @@ def _budget_problems(config: StudyConfig, costs: dict[str, CostTable]) -> list[s
 
 def _text_problems(config: StudyConfig, tokenizer, prepared: Prepared) -> list[str]:
     problems = []
-    for key in ("calibration", "heldout"):
+    batches = {}
+    for key, section in [("calibration", config.calibration), *((h.key, h.section) for h in heldout_sets(config))]:
         try:
-            setattr(prepared, key, token_batch(text_source(config, getattr(config, key)), tokenizer))
+            batches[key] = token_batch(text_source(config, section), tokenizer)
         except DataError as error:
             problems.append(f"{key}: {error}")
-    cal, held = prepared.calibration, prepared.heldout
-    if cal is not None and held is not None and cal.shape[1] == held.shape[1]:
-        same = int((held[:, None, :] == cal[None, :, :]).all(-1).any(-1).sum())
-        if same:
-            problems.append(f"heldout: {same} of {len(held)} held-out sequences equal calibration sequences; use other text")
+    cal = prepared.calibration = batches.get("calibration")
+    prepared.heldout = batches.get("heldout")
+    prepared.extra_heldout = {h.column: batches[h.key] for h in heldout_sets(config)[1:] if h.key in batches}
+    for key, held in batches.items():
+        if key != "calibration" and cal is not None and cal.shape[1] == held.shape[1]:
+            same = int((held[:, None, :] == cal[None, :, :]).all(-1).any(-1).sum())
+            if same:
+                problems.append(f"{key}: {same} of {len(held)} held-out sequences equal calibration sequences; use other text")
     return problems
 
 
+def _shape_problems(config: StudyConfig, model) -> list[str]:
+    """A model without decoder layers; token windows longer than the model's positions."""
+    from surgery.families import family_for, get_path
+
+    name = model_source(config)[0]
+    if not len(get_path(model, family_for(model.config).layers)):
+        return [f"model.name: model {name} has no decoder layers (num_hidden_layers: 0)"]
+    lengths = {"calibration.seq_len": config.calibration.seq_len}
+    lengths.update({f"{h.key}.seq_len": h.section.seq_len for h in heldout_sets(config)})
+    return positions_problems(model.config, lengths, f"model {name}")
+
+
 def prepare(config: StudyConfig, model, tokenizer, *, skip_latency: bool = False) -> Prepared:
-    """Cost tables and token batches; every model-dependent problem raised at once as a ConfigError."""
+    """Cost tables and token batches; every model-dependent problem raised at once as a ConfigError.
+    Measured budgets are profiled but not saved (the study directory is not ours yet)."""
+    problems = _shape_problems(config, model)
+    if problems:
+        raise ConfigError(format_problems(config.source, problems))
     names = [n for n in budget_names(config) if not (skip_latency and n.startswith("latency"))]
     prepared = Prepared({name: build_cost(name, model, config) for name in names})
     problems = _budget_problems(config, prepared.costs) + _text_problems(config, tokenizer, prepared)
@@ -131,13 +160,28 @@ def _probe(config: StudyConfig) -> Prepared | None:
     name, local = model_source(config)
     if not local:
         return None
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
-    model_config = AutoConfig.from_pretrained(name, trust_remote_code=config.model.trust_remote_code)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(model_config, trust_remote_code=config.model.trust_remote_code)
+    from surgery.cli import LOAD_ERRORS, remote_code_problem
+    from surgery.errors import UserError
+    from surgery.load import load_model_config, load_tokenizer
+
+    remote = config.model.trust_remote_code
+    problem = remote_code_problem(name, remote, "model.trust_remote_code: true")
+    if problem:
+        raise ConfigError(format_problems(config.source, [f"model.name: {problem}"]))
+    try:
+        model_config = load_model_config(name, trust_remote_code=remote)  # a .gguf file: from its header, no weights
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(model_config, trust_remote_code=remote)
+        tokenizer = load_tokenizer(name, trust_remote_code=remote)
+    except UserError:
+        raise
+    except LOAD_ERRORS as error:
+        first = (str(error).strip().splitlines() or [""])[0]
+        raise ConfigError(format_problems(config.source, [
+            f"model.name: cannot load the model config or tokenizer of {name} ({type(error).__name__}: {first})"]))
     model = model.to(getattr(torch, config.model.dtype))
-    tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=config.model.trust_remote_code)
     return prepare(config, model, tokenizer, skip_latency=True)
 
 
@@ -145,8 +189,8 @@ def describe_plan(config: StudyConfig, prepared: Prepared | None) -> str:
     name, local = model_source(config)
     out = Path(config.output_dir)
     lines = [f"study {config.source}: valid", f"  model: {name} ({'local' if local else 'hub id, not loaded'})"]
-    for key in ("calibration", "heldout"):
-        spec = text_source(config, getattr(config, key))
+    for key, section in [("calibration", config.calibration), *((h.key, h.section) for h in heldout_sets(config))]:
+        spec = text_source(config, section)
         lines.append(f"  {key}: {spec.source.describe()}, {spec.num_sequences} x {spec.seq_len} tokens, seed {spec.seed}")
     lines.append(f"  objective: {config.objective}; budget: {config.budget.metric}, targets removed {config.budget.targets}")
     if prepared is not None:
@@ -163,32 +207,8 @@ def describe_plan(config: StudyConfig, prepared: Prepared | None) -> str:
 
 # storage and study -----------------------------------------------------------------------------------------
 def open_study(url: str) -> optuna.Study:
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    return optuna.create_study(
-        study_name=MAIN_STUDY, storage=open_storage(url), directions=["minimize", "minimize"], load_if_exists=True
-    )
-
-
-def fingerprint(config: StudyConfig) -> dict:
-    """What stored objective values depend on: a study resumed with another of these would mix numbers."""
-    spec = text_source(config, config.calibration)
-    return {
-        "model": config.model.name,
-        "dtype": config.model.dtype,
-        "objective": config.objective,
-        "calibration": [spec.source.describe(), spec.num_sequences, spec.seq_len, spec.seed],
-        "topk": config.reference.topk,
-        "budget": config.budget.metric,
-    }
-
-
-def _check_resume(study: optuna.Study, config: StudyConfig) -> None:
-    stored = study.user_attrs.get("meta", {}).get("fingerprint")
-    current = fingerprint(config)
-    if stored is not None and stored != current:
-        diff = [f"{k}: stored {stored.get(k)!r}, config {v!r}" for k, v in current.items() if stored.get(k) != v]
-        raise ConfigError(f"{config.output_dir} holds a study made with other settings ({'; '.join(diff)}); "
-                          "use another output_dir")
+    """The study in ``url``, created when absent (storage errors are one message naming the URL)."""
+    return studydir.open_study(url, create=True)
 
 
 def save_config_copy(config: StudyConfig, out: Path) -> Path:
@@ -198,6 +218,8 @@ def save_config_copy(config: StudyConfig, out: Path) -> Path:
     data["model"]["name"] = str(Path(name).resolve()) if local else name
     for key in ("calibration", "heldout"):
         data[key]["files"] = list(text_source(config, getattr(config, key)).source.files)
+    for name, section in config.extra_heldout.items():
+        data["extra_heldout"][name]["files"] = list(text_source(config, section).source.files)
     return atomic_write_text(out / CONFIG_COPY, yaml.safe_dump(data, sort_keys=False))
 
 
@@ -217,9 +239,9 @@ def run_strategy(ctx: SearchContext, entry, *, progress: bool = True) -> dict:
     if record and record.get("done"):
         return record
     strategy = STRATEGIES.get(entry.name).from_settings(dict(entry.settings))
-    run = ctx.strategy_run(entry.tag)
-    expected = getattr(strategy, "expected_evaluations", None)
-    total = expected(ctx) if callable(expected) else None
+    run = ctx.strategy_run(entry.tag, selection_only=strategy.selection_only)
+    strategy.note_objective(run)
+    total = strategy.expected_evaluations(ctx)
     bar = tqdm(total=total, desc=entry.tag, unit="eval", disable=not progress, leave=False)
     stop = threading.Event()
     poller = threading.Thread(target=_poll, args=(bar, run, stop), daemon=True)
@@ -252,30 +274,43 @@ def _heldout_masks(study: optuna.Study, records: list[dict], num_layers: int) ->
     return sorted(masks)
 
 
-def heldout_scores(study: optuna.Study, config: StudyConfig, model, ids: torch.Tensor, records, *, progress=True):
-    """Held-out perplexity of every strategy result, the calibration front and the dense model (cached)."""
+def heldout_attr(column: str) -> str:
+    """Study user attr caching one held-out set's perplexities: ``heldout`` for the primary set."""
+    return "heldout" if column == "heldout_ppl" else f"heldout:{column[len('heldout_ppl_'):]}"
+
+
+def heldout_scores(study: optuna.Study, config: StudyConfig, model, prepared: Prepared, records, *, progress=True):
+    """Held-out perplexity on every held-out set of every strategy result, the front and the dense model (cached)."""
+    batches = {"heldout_ppl": prepared.heldout, **prepared.extra_heldout}
+    masks = _heldout_masks(study, records, study.user_attrs["meta"]["num_layers"])
+    for held in heldout_sets(config):
+        _score_heldout_set(study, config, model, held, batches[held.column], masks, progress)
+
+
+def _score_heldout_set(study, config: StudyConfig, model, held, ids: torch.Tensor, masks: list[str], progress: bool):
     from objectives.scorer import MaskScorer
 
-    spec = text_source(config, config.heldout)
-    key = [spec.source.describe(), spec.num_sequences, spec.seq_len, spec.seed]
-    cache = study.user_attrs.get("heldout") or {}
+    spec = text_source(config, held.section)
+    key = [spec.source.describe(), spec.num_sequences, spec.seq_len, spec.seed, studydir.text_identity(spec)["sha256"]]
+    attr = heldout_attr(held.column)
+    cache = study.user_attrs.get(attr) or {}
     if cache.get("spec") != key:
         cache = {"spec": key, "ppl": {}}
-    todo = [m for m in _heldout_masks(study, records, study.user_attrs["meta"]["num_layers"]) if m not in cache["ppl"]]
+    todo = [m for m in masks if m not in cache["ppl"]]
     if todo:
         scorer = MaskScorer(model, ids, "ppl", batch_size=config.reference.batch_size)
-        for mask in tqdm(todo, desc="held-out ppl", unit="mask", disable=not progress, leave=False):
+        for mask in tqdm(todo, desc=f"{held.key} ppl", unit="mask", disable=not progress, leave=False):
             cache["ppl"][mask] = scorer.score(KeepMask.parse(mask))
-            study.set_user_attr("heldout", cache)
-    return cache["ppl"]
+            study.set_user_attr(attr, cache)
 
 
-def _store_meta(study: optuna.Study, config: StudyConfig, ctx: SearchContext, costs: dict[str, CostTable]) -> None:
+def _store_meta(study: optuna.Study, config: StudyConfig, ctx: SearchContext, costs: dict[str, CostTable],
+                fingerprint: dict) -> None:
     meta = study.user_attrs.get("meta") or {}
     if "dense_objective" not in meta:
         meta["dense_objective"] = ctx.scorer.score(ctx.dense())
     meta.update(
-        fingerprint=fingerprint(config),
+        fingerprint=fingerprint,
         model=config.model.name,
         objective=config.objective,
         budget_metric=config.budget.metric,
@@ -289,11 +324,10 @@ def _store_meta(study: optuna.Study, config: StudyConfig, ctx: SearchContext, co
 
 
 def execute(config: StudyConfig, *, progress: bool = True) -> int:
-    from objectives.scorer import MaskScorer
-    from search.workers import context_options
-    from surgery.load import load_model
+    """Check everything that needs the model and the stored study, then (only then) write: create the directory,
+    take its lock, copy the config, run the strategies, score held-out text, report."""
+    from surgery.cli import load_checked
 
-    name, _ = model_source(config)
     if config.model.threads:
         torch.set_num_threads(config.model.threads)
     if not progress:
@@ -301,16 +335,37 @@ def execute(config: StudyConfig, *, progress: bool = True) -> int:
 
         hf_logging.disable_progress_bar()
     _probe(config)  # local models: budgets and text checked before any weight is read
-    model, tokenizer = load_model(name, dtype=config.model.dtype, device=config.model.device,
-                                  trust_remote_code=config.model.trust_remote_code)
+    model, tokenizer = load_checked(model_source(config)[0], dtype=config.model.dtype, device=config.model.device,
+                                    trust_remote_code=config.model.trust_remote_code,
+                                    flag="model.trust_remote_code: true")
     prepared = prepare(config, model, tokenizer)
     out = Path(config.output_dir)
     url = storage_url(config.storage, out)
-    out.mkdir(parents=True, exist_ok=True)
-    save_config_copy(config, out)
-    prepared.costs.update({n: build_cost(n, model, config) for n in prepared.costs if n.startswith("latency")})
-    study = open_study(url)
-    _check_resume(study, config)
+    current = studydir.fingerprint(config, next(model.parameters()).device.type)
+    studydir.check_resume(studydir.open_study(url, create=False), current, out, config.source)
+    created = studydir.make_dirs(out)
+    try:
+        with studydir.StudyLock(out, "python -m search.study run"):
+            study = open_study(url)
+            studydir.check_resume(study, current, out, config.source)  # again: another run may have started it
+            problems = studydir.strategy_problems(study, config, STRATEGY_ATTR)
+            if problems:
+                raise ConfigError(format_problems(config.source, problems))
+            save_config_copy(config, out)
+            return _search(config, study, url, model, prepared, current, progress=progress)
+    except BaseException:
+        studydir.remove_if_empty(created)
+        raise
+
+
+def _search(config: StudyConfig, study: optuna.Study, url: str, model, prepared: Prepared, fingerprint: dict,
+            *, progress: bool) -> int:
+    from objectives.scorer import MaskScorer
+    from search.workers import context_options
+
+    out = Path(config.output_dir)
+    latency = [n for n in prepared.costs if n.startswith("latency")]
+    prepared.costs.update({n: build_cost(n, model, config, study_dir=out) for n in latency})
     torch.manual_seed(config.seed)
     scorer = MaskScorer(model, prepared.calibration, config.objective,
                         batch_size=config.reference.batch_size, topk=config.reference.topk)
@@ -321,13 +376,13 @@ def execute(config: StudyConfig, *, progress: bool = True) -> int:
         constraints=tuple((costs[n], kept) for n, kept in config.budget.constraints.items()),
         **context_options(config, scorer),
     )
-    _store_meta(study, config, ctx, costs)
+    _store_meta(study, config, ctx, costs, fingerprint)
     outer = tqdm(config.strategies, desc="strategies", unit="strategy", disable=not progress)
     records = []
     for entry in outer:
         outer.set_postfix_str(entry.tag)
         records.append(run_strategy(ctx, entry, progress=progress))
-    heldout_scores(study, config, model, prepared.heldout, records, progress=progress)
+    heldout_scores(study, config, model, prepared, records, progress=progress)
     paths = write_report(out, quiet=True)
     trials = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)))
     print(f"done: {trials} trials from {len(records)} strategies; report {paths['summary']}, "

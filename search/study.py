@@ -1,8 +1,9 @@
 """``python -m search.study``: run a study, report it, export its winner, confirm, benchmark.
 
-Each subcommand lives in its own module exposing ``add_arguments(parser)`` and ``main(args) -> int``; this
-table is the only place that lists them. User errors (config, paths, masks, budgets, models) print one clear
-message and exit with code 2.
+Each subcommand is a module exposing ``main(args) -> int`` plus its arguments in ``search.arguments`` (light, so
+``--help`` imports no torch); this table is the only place that lists them. User errors (a ``surgery.errors.UserError``: config, paths, masks,
+budgets, models, flags) and a full disk print one clear message and exit with code 2; SIGINT / SIGTERM stop
+cleanly (exit 130 / 143; a re-run resumes); anything else is a bug and keeps its traceback (``surgery.cli``).
 """
 
 from __future__ import annotations
@@ -11,34 +12,36 @@ import argparse
 import importlib
 import sys
 
-SUBCOMMANDS = {
-    "run": ("search.run", "run the study a YAML config describes (re-running resumes it)"),
-    "report": ("search.report", "write the Pareto report of a study directory"),
-    "export": ("search.export_best", "export the best mask within a budget as a smaller model"),
-    "bench": ("search.bench", "measure an exported model's prefill/decode speed and memory against the dense model"),
-    "confirm": ("search.confirm", "heal the front's best masks with LoRA/QLoRA and benchmark them with lm-eval"),
-}
+from search import arguments
+from surgery.cli import Parser, run_cli
 
-USER_ERRORS: tuple[type[BaseException], ...] = (ValueError, FileNotFoundError)  # a bug keeps its traceback
+SUBCOMMANDS = {  # name: (module with main(args), help, the arguments it takes)
+    "run": ("search.run", "run the study a YAML config describes (re-running resumes it)", arguments.run),
+    "report": ("search.report", "write the Pareto report of a study directory", arguments.report),
+    "export": ("search.export_best", "export the best mask within a budget as a smaller model", arguments.export),
+    "bench": ("search.bench", "measure an exported model's prefill/decode speed and memory against the dense model",
+              arguments.bench),
+    "confirm": ("search.confirm", "heal the front's best masks with LoRA/QLoRA and benchmark them with lm-eval",
+                arguments.confirm),
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m search.study", description=__doc__.splitlines()[0])
+    parser = Parser(prog="python -m search.study", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    for name, (module, help_text) in SUBCOMMANDS.items():
+    for name, (module, help_text, add_arguments) in SUBCOMMANDS.items():
         command = sub.add_parser(name, help=help_text, description=help_text)
         command.set_defaults(_module=module)
-        importlib.import_module(module).add_arguments(command)
+        add_arguments(command)  # the module itself is imported only when its command runs
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
     try:
-        return importlib.import_module(args._module).main(args)
-    except USER_ERRORS as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        args = build_parser().parse_args(argv)
+    except SystemExit as stop:  # --help, or a bad flag (one line already printed)
+        return stop.code if isinstance(stop.code, int) else 2
+    return run_cli(lambda: importlib.import_module(args._module).main(args))
 
 
 if __name__ == "__main__":

@@ -242,7 +242,7 @@ def context_options(config: StudyConfig, scorer) -> dict[str, Any]:
         "evaluator": make_evaluator(config, scorer),
         "staging": Staging(engine.stage_sequences, engine.stage_keep) if engine.staged else None,
         "racing": engine.racing and config.executor.kind == "inprocess",
-        "select_strategies": tuple(engine.select_strategies),
+        "select_strategies": None if engine.select_strategies is None else tuple(engine.select_strategies),
         "tune": TuneRunner(config) if config.executor.kind == "ray" else None,
     }
 

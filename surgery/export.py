@@ -15,22 +15,19 @@ import copy
 import json
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 from torch import nn
 
-from . import pruned_modeling
+from . import export_target, pruned_modeling
+from .export_target import ExportError
 from .families import Family, family_for, get_path
-from .mask import ATTN, KeepMask, MaskError
+from .mask import KeepMask, sublayer_name
 from .masking import masked
-from .errors import UserError
+from .params import num_params
+from .cli import Parser, load_checked, run_cli
 
 MODULE_FILE = "pruned_modeling.py"
-
-
-class ExportError(UserError):
-    """An export that cannot be done: target directory in the way, or a mask that leaves no model."""
 
 
 # physical removal --------------------------------------------------------------------------------------------
@@ -104,17 +101,10 @@ def prune_model(model: nn.Module, mask: KeepMask) -> nn.Module:
     return model
 
 
-def num_params(model: nn.Module) -> int:
-    """Distinct parameters (tied weights counted once)."""
-    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
-
-
 # writing -----------------------------------------------------------------------------------------------------
-def check_target(out_dir: Path, force: bool) -> None:
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ExportError(f"export target {out_dir} exists and is not a directory")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not force:
-        raise ExportError(f"export target {out_dir} exists and is not empty (use --force / force=True to replace it)")
+def check_target(out_dir: Path, force: bool, *, protect: tuple[tuple[str, Path], ...] = ()) -> None:
+    """Absent, empty, or (with ``force``) a previous export holding nothing else; never a protected path."""
+    export_target.check_target(Path(out_dir), force, protect=protect)
 
 
 def _save(pruned: nn.Module, tokenizer, directory: Path) -> None:
@@ -132,17 +122,6 @@ def _save(pruned: nn.Module, tokenizer, directory: Path) -> None:
         tokenizer.save_pretrained(directory)
 
 
-def _install(staging: Path, out_dir: Path) -> None:
-    """Move the finished export into place (replacing ``out_dir`` when it exists)."""
-    old = None
-    if out_dir.exists():
-        old = out_dir.with_name(f".{out_dir.name}.old-{staging.name}")
-        out_dir.rename(old)
-    staging.rename(out_dir)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def export_pruned(
     model: nn.Module,
     tokenizer,
@@ -152,10 +131,13 @@ def export_pruned(
     source: str = "",
     metrics: dict | None = None,
     force: bool = False,
+    protect: tuple[tuple[str, Path], ...] = (),
 ) -> Path:
-    """Write the pruned model, tokenizer and a model card to ``out_dir`` atomically; ``model`` is left unchanged."""
+    """Write the pruned model, tokenizer and a model card to ``out_dir`` atomically; ``model`` is left unchanged.
+    ``force`` replaces only a previous export (see ``surgery.export_target``); ``protect`` names paths (the source
+    model, a study) that ``out_dir`` must neither be nor hold."""
     out_dir = Path(out_dir)
-    check_target(out_dir, force)
+    check_target(out_dir, force, protect=protect)
     family = family_for(model.config)
     layers = len(get_path(model, family.layers))
     mask = KeepMask.parse(mask, layers) if isinstance(mask, str) else mask
@@ -164,12 +146,14 @@ def export_pruned(
         counts = {"dense_params": num_params(model)}
         pruned = prune_model(copy.deepcopy(model), mask)
     counts["pruned_params"] = num_params(pruned)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    export_target.clean_leftovers(out_dir)
+    staging = export_target.staging_dir(out_dir)
     try:
         _save(pruned, tokenizer, staging)
-        (staging / "README.md").write_text(model_card(mask, source, counts, metrics, type(pruned).__name__))
-        _install(staging, out_dir)
+        card = model_card(mask, source, counts, metrics, type(pruned).__name__)
+        (staging / "README.md").write_text(card, encoding="utf-8")
+        export_target.write_marker(staging, {"tool": "depthsearch", "mask": str(mask), "source": source})
+        export_target.install(staging, out_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -178,7 +162,7 @@ def export_pruned(
 
 def model_card(mask: KeepMask, source: str, counts: dict, metrics: dict | None, class_name: str) -> str:
     """README.md of an export: where it comes from, what was removed, how big it is, what it scored."""
-    removed = ", ".join(f"L{i // 2}.{'attn' if i % 2 == ATTN else 'ffn'}" for i in mask.removed) or "nothing"
+    removed = ", ".join(sublayer_name(i) for i in mask.removed) or "nothing"
     share = 1 - counts["pruned_params"] / counts["dense_params"]
     lines = [
         "---", "library_name: transformers", "tags: [depth-pruning, depthsearch]", "---", "",
@@ -202,22 +186,27 @@ def model_card(mask: KeepMask, source: str, counts: dict, metrics: dict | None, 
 
 # command line ------------------------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m surgery.export", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", required=True, help="local model directory or hub id")
+    parser = Parser(prog="python -m surgery.export", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", required=True, help="local model directory, .gguf file or hub id")
     parser.add_argument("--mask", required=True, help='keep-mask, one item per layer, e.g. "AM,A-,-M,--"')
     parser.add_argument("--out", required=True, help="export directory (must be absent or empty unless --force)")
     parser.add_argument("--dtype", default="float32", help="float32 (default), bfloat16 or float16")
-    parser.add_argument("--force", action="store_true", help="replace an existing non-empty --out")
+    parser.add_argument("--force", action="store_true", help="replace a previous export at --out")
+    parser.add_argument("--trust-remote-code", action="store_true",
+                        help="allow a model folder that ships its own Python code (auto_map) to run it")
     return parser
 
 
 def run(args: argparse.Namespace) -> Path:
-    from .load import load_model
+    from .load import looks_local
 
     mask = KeepMask.parse(args.mask)  # syntax errors before the (slow) model load
-    check_target(Path(args.out), args.force)
-    model, tokenizer = load_model(args.model, dtype=args.dtype, device="cpu")
-    out = export_pruned(model, tokenizer, mask, args.out, source=args.model, force=args.force)
+    source = Path(args.model).expanduser() if looks_local(args.model) else None
+    protect = (("the source model", source),)
+    check_target(Path(args.out), args.force, protect=protect)
+    model, tokenizer = load_checked(args.model, dtype=args.dtype, device="cpu",
+                                    trust_remote_code=args.trust_remote_code)
+    out = export_pruned(model, tokenizer, mask, args.out, source=args.model, force=args.force, protect=protect)
     config = json.loads((out / "config.json").read_text())
     card = (out / "README.md").read_text().splitlines()
     print(f"exported {config['architectures'][0]} to {out}")
@@ -228,12 +217,15 @@ def run(args: argparse.Namespace) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
     try:
-        run(args)
-    except (ValueError, FileNotFoundError, KeyError, MaskError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        args = build_parser().parse_args(argv)
+    except SystemExit as stop:  # --help, or a bad flag (one line already printed)
+        return stop.code if isinstance(stop.code, int) else 2
+    return run_cli(lambda: _exported(args))
+
+
+def _exported(args: argparse.Namespace) -> int:
+    run(args)
     return 0
 
 

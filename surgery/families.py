@@ -29,6 +29,7 @@ class Family:
     attn_norms: tuple[str, ...]  # norms used only by the attention sublayer
     ffn_norms: tuple[str, ...]  # norms used only by the FFN sublayer
     residual: str = "sequential"  # "sequential": h += attn(..); h += ffn(..)   "parallel": h += attn(..) + ffn(..)
+    final_norm: str = "model.norm"  # dotted path of the norm between the last decoder layer and the output head
     lora: tuple[str, ...] = ()  # projection names healing puts LoRA adapters on (removed sublayers hold none)
     check: Callable[[Any], str | None] | None = None  # returns a reason when a config variant is unsupported
 
@@ -63,14 +64,14 @@ FAMILIES: dict[str, Family] = {
     "gpt_neox": Family(
         "gpt_neox", "gpt_neox.layers", "attention", ("mlp",),
         attn_norms=("input_layernorm",), ffn_norms=("post_attention_layernorm",), residual="parallel",
-        lora=("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"),
+        final_norm="gpt_neox.final_layer_norm", lora=("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"),
     ),
     "gpt2": Family("gpt2", "transformer.h", "attn", ("mlp",), attn_norms=("ln_1",), ffn_norms=("ln_2",),
-                   lora=("c_attn", "c_proj", "c_fc")),
+                   final_norm="transformer.ln_f", lora=("c_attn", "c_proj", "c_fc")),
     "opt": Family(
         "opt", "model.decoder.layers", "self_attn", ("fc1", "fc2"),
         attn_norms=("self_attn_layer_norm",), ffn_norms=("final_layer_norm",), check=_opt_check,
-        lora=("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"),
+        final_norm="model.decoder.final_layer_norm", lora=("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"),
     ),
 }
 

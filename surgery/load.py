@@ -1,4 +1,4 @@
-"""Load a causal LM and its tokenizer from a local directory or a hub id, with clear errors."""
+"""Load a causal LM and its tokenizer from a local directory, a ``.gguf`` file or a hub id, with clear errors."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import torch
 from .families import family_for
 from .pruned_modeling import PREFIX as PRUNED_PREFIX, pruned_classes
 from .errors import UserError
+from .gguf_source import gguf_config, gguf_model, gguf_tokenizer, is_gguf, read_header
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -27,12 +28,14 @@ def resolve_device(name: str = "auto") -> torch.device:
     return torch.device(name)
 
 def looks_local(name: str) -> bool:
-    """Paths (./x, /x, ~/x, or anything that exists) are local; 'org/name' is a hub id."""
-    return name.startswith((".", "/", "~")) or Path(name).expanduser().exists()
+    """Paths (./x, /x, ~/x, x.gguf, or anything that exists) are local; 'org/name' is a hub id."""
+    return name.startswith((".", "/", "~")) or is_gguf(name) or Path(name).expanduser().exists()
 
 def check_model_source(name: str) -> None:
-    """Fail early for a local path that is missing or has no config.json."""
-    if looks_local(name):
+    """Fail early for a local directory that is missing or has no config.json, or a bad ``.gguf`` file."""
+    if is_gguf(name):
+        read_header(name)
+    elif looks_local(name):
         path = Path(name).expanduser()
         if not (path / "config.json").is_file():
             raise ModelLoadError(f"model path {name!r} has no config.json (missing or not a model directory)")
@@ -46,8 +49,31 @@ def register_pruned(name: str) -> None:
     if model_type.startswith(PRUNED_PREFIX):
         pruned_classes(model_type[len(PRUNED_PREFIX) :])
 
+def _location(name: str) -> str:
+    return str(Path(name).expanduser()) if looks_local(name) else name
+
+def load_model_config(name: str, *, trust_remote_code: bool = False):
+    """The model's config without its weights: config.json, a hub id, or a GGUF file's header."""
+    if is_gguf(name):
+        return gguf_config(name)
+    from transformers import AutoConfig
+
+    check_model_source(name)
+    return AutoConfig.from_pretrained(_location(name), trust_remote_code=trust_remote_code)
+
+def load_tokenizer(name: str, *, trust_remote_code: bool = False):
+    if is_gguf(name):
+        return gguf_tokenizer(name)
+    from transformers import AutoTokenizer
+
+    check_model_source(name)
+    return AutoTokenizer.from_pretrained(_location(name), trust_remote_code=trust_remote_code)
+
 def load_model(name: str, *, dtype: str = "float32", device: str = "auto", trust_remote_code: bool = False):
-    """(model in eval mode, tokenizer); the model's family must be supported."""
+    """(model in eval mode, tokenizer) from a model directory, hub id or ``.gguf`` file; its family must be supported."""
+    if is_gguf(name):
+        model, tokenizer = gguf_model(name, resolve_dtype(dtype)), gguf_tokenizer(name)
+        return model.to(resolve_device(device)).eval(), tokenizer
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     check_model_source(name)
@@ -55,13 +81,9 @@ def load_model(name: str, *, dtype: str = "float32", device: str = "auto", trust
         register_pruned(name)
     try:
         model = AutoModelForCausalLM.from_pretrained(
-            str(Path(name).expanduser()) if looks_local(name) else name,
-            dtype=resolve_dtype(dtype),
-            trust_remote_code=trust_remote_code,
+            _location(name), dtype=resolve_dtype(dtype), trust_remote_code=trust_remote_code
         )
-        tokenizer = AutoTokenizer.from_pretrained(
-            str(Path(name).expanduser()) if looks_local(name) else name, trust_remote_code=trust_remote_code
-        )
+        tokenizer = AutoTokenizer.from_pretrained(_location(name), trust_remote_code=trust_remote_code)
     except OSError as error:
         raise ModelLoadError(f"cannot load model {name!r}: {error}") from None
     family_for(model.config)

@@ -28,6 +28,7 @@ class RuntimeMasker:
         self.layers: nn.ModuleList = get_path(model, self.family.layers)
         self.originals = [self._sublayer_modules(layer) for layer in self.layers]
         self.current = KeepMask.dense(len(self.layers))
+        self._stand_ins: dict[tuple[int, int], dict[str, nn.Module]] = {}
 
     @property
     def num_layers(self) -> int:
@@ -38,22 +39,33 @@ class RuntimeMasker:
         ffn = {name: getattr(layer, name) for name in self.family.ffn}
         return attn, ffn
 
-    def _stand_ins(self, layer_index: int, kind: int) -> dict[str, nn.Module]:
-        if kind == ATTN:
-            return {self.family.attn: SkippedAttention()}
-        originals = self.originals[layer_index][FFN]
-        return dict(zip(originals, ffn_stand_ins(list(originals.values()))))
+    def stand_ins(self, layer: int, kind: int) -> dict[str, nn.Module]:
+        """The weightless modules that replace one sublayer's modules (made once, by attribute name)."""
+        key = (layer, kind)
+        if key not in self._stand_ins:
+            if kind == ATTN:
+                self._stand_ins[key] = {self.family.attn: SkippedAttention()}
+            else:
+                originals = self.originals[layer][FFN]
+                self._stand_ins[key] = dict(zip(originals, ffn_stand_ins(list(originals.values()))))
+        return self._stand_ins[key]
+
+    def swap(self, layer: int, kind: int, keep: bool) -> None:
+        """Put one sublayer's original modules (``keep``) or its stand-ins in place; ``current`` is not changed.
+
+        :meth:`apply` is built on it; a caller that runs one sublayer of a layer alone (the prefix engine)
+        swaps the other one out and back around the call.
+        """
+        modules = self.originals[layer][kind] if keep else self.stand_ins(layer, kind)
+        for name, module in modules.items():
+            setattr(self.layers[layer], name, module)
 
     def apply(self, mask: KeepMask) -> None:
         """Make the model compute ``mask``; sublayers already in the right state are left alone."""
         mask.check_layers(self.num_layers)
         for index, (now, want) in enumerate(zip(self.current.bits, mask.bits)):
-            if now == want:
-                continue
-            layer, kind = divmod(index, 2)
-            modules = self.originals[layer][kind] if want else self._stand_ins(layer, kind)
-            for name, module in modules.items():
-                setattr(self.layers[layer], name, module)
+            if now != want:
+                self.swap(*divmod(index, 2), keep=want)
         self.current = mask
         self._set_cache_modes(mask)
 

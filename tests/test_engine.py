@@ -95,7 +95,7 @@ def test_staged_selection_keeps_the_best_and_marks_the_rest_inf(stories, stories
     scorer = MaskScorer(stories[0], stories_ids, "kl", batch_size=2)
     candidates = [KeepMask.dense(5).without(i) for i in range(10)]
     ctx = _context(scorer, evaluator=PrefixEngine(scorer), staging=Staging(sequences=2, keep=3))
-    values = ctx.strategy_run("greedy_finercut").evaluate_many(candidates)
+    values = ctx.strategy_run("greedy_finercut", selection_only=True).evaluate_many(candidates)
     partial = [scorer.score(m, sequences=2) for m in candidates]
     survivors = staged_survivors(partial, 3)
     assert [i for i, v in enumerate(values) if math.isfinite(v)] == survivors
@@ -103,6 +103,23 @@ def test_staged_selection_keeps_the_best_and_marks_the_rest_inf(stories, stories
     assert len(ctx.study.trials) == 3  # only full evaluations are trials
     other = _context(scorer, evaluator=PrefixEngine(scorer), staging=Staging(2, 3))
     assert all(math.isfinite(v) for v in other.strategy_run("exhaustive").evaluate_many(candidates))  # not selecting
+
+
+def test_selection_comes_from_the_strategy_class_and_the_config_overrides_it(stories, stories_ids):
+    from search.strategies import STRATEGIES
+
+    scorer = MaskScorer(stories[0], stories_ids, "kl", batch_size=2)
+    greedy, exhaustive = (STRATEGIES.get(n).selection_only for n in ("greedy_finercut", "exhaustive"))
+    assert greedy and not exhaustive
+    declared = _context(scorer, staging=Staging(2, 3))
+    assert declared.strategy_run("greedy-js", selection_only=greedy)._selects()  # any label keeps the class's
+    assert not declared.strategy_run("exhaustive", selection_only=exhaustive)._selects()
+    listed = _context(scorer, staging=Staging(2, 3), select_strategies=("exhaustive",))  # the config's override
+    assert listed.strategy_run("exhaustive")._selects()
+    assert not listed.strategy_run("greedy-js", selection_only=greedy)._selects()
+    everything = _context(scorer, staging=Staging(2, 3), select_strategies=())
+    assert everything.strategy_run("tpe")._selects()
+    assert EngineSection().select_strategies is None
 
 
 @pytest.mark.parametrize("objective", ["js", "ppl"])
@@ -118,7 +135,7 @@ def test_racing_finds_the_plain_best_with_less_work(stories, stories_ids, object
     assert all(r == p for r, p in zip(raced, plain) if math.isfinite(r))
     assert sum(map(math.isfinite, raced)) < len(candidates)  # some candidates were never finished
     ctx = _context(scorer, evaluator=PrefixEngine(scorer), racing=True)
-    run = ctx.strategy_run("greedy_finercut")
+    run = ctx.strategy_run("greedy_finercut", selection_only=True)
     assert run.evaluate_many(candidates) == raced
     assert run.forwards < 4 * len(candidates)  # sequences forwarded (head passes), fewer than the plain loop's
     assert len(ctx.study.trials) == sum(map(math.isfinite, raced))

@@ -165,16 +165,21 @@ def test_stories260k_export_card_and_budget(stories, stories_path, tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["pruned"]  # no staging directory left behind
 
 
-def test_existing_target_needs_force(tmp_path):
+def test_existing_target_needs_force_and_force_replaces_only_an_export(tmp_path):
     model, target = tiny_model("llama"), tmp_path / "out"
     target.mkdir()
     (target / "keep.txt").write_text("mine")
     with pytest.raises(ExportError, match="exists and is not empty"):
         export_pruned(model, None, WHOLE, target)
+    with pytest.raises(ExportError, match="not written by a depthsearch export"):
+        export_pruned(model, None, WHOLE, target, force=True)
     assert [p.name for p in target.iterdir()] == ["keep.txt"]
-    export_pruned(model, None, WHOLE, target, force=True)
-    assert sorted(p.name for p in target.iterdir()) == ["README.md", "config.json", "generation_config.json",
-                                                        "model.safetensors"]
+    (target / "keep.txt").unlink()
+    export_pruned(model, None, WHOLE, target)
+    export_pruned(model, None, PARTIAL, target, force=True)  # a previous export is replaced
+    assert sorted(p.name for p in target.iterdir()) == ["README.md", "config.json", "depthsearch-export.json",
+                                                        "generation_config.json", "model.safetensors",
+                                                        "pruned_modeling.py"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 

@@ -194,7 +194,7 @@ def test_deterministic_with_seed(scorer, tmp_path):
     ],
 )
 def test_bad_settings_name_the_setting(settings, name):
-    with pytest.raises(StrategySettingsError, match=rf"setting {name}="):
+    with pytest.raises(StrategySettingsError, match=rf"setting '{name}' must be"):
         LearnedMasks(**settings)
 
 

@@ -21,9 +21,11 @@ import random
 import re
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-SOURCE = ROOT / "studies" / "assets" / "text" / "tinystories_valid.txt"
-OUT = ROOT / "studies" / "assets" / "benchmarks"
+from studies import assets
+from surgery.files import atomic_write_text
+
+SOURCE = assets("text", "tinystories_valid.txt")
+OUT = assets("benchmarks")
 HELDOUT_START = 0.8
 SEED = 20240601
 FAR = 30  # distractor sentences come from paragraphs at least this far away
@@ -91,9 +93,7 @@ def next_rows(paragraphs: list[str], rng: random.Random) -> list[dict]:
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:
-    temp = path.with_suffix(".tmp")
-    temp.write_text("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows), encoding="utf-8")
-    temp.replace(path)
+    atomic_write_text(path, "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows))
 
 
 def build(out: Path = OUT) -> dict[str, int]:

@@ -1,8 +1,8 @@
-"""Dataset loader for the local lm-eval tasks: JSON lines from studies/assets/benchmarks, found from any cwd.
+"""Dataset loader for the local lm-eval tasks: JSON lines from the bundled studies/assets/benchmarks (package data).
 
 lm-eval resolves ``dataset_kwargs.data_files`` against the working directory, so the task YAMLs name their file
 in ``dataset_kwargs.file`` and load it through ``custom_dataset: !function utils.load_jsonl``, which resolves
-the name against the repository's benchmark folder (``DEPTHSEARCH_BENCHMARKS`` overrides it).
+the name against the bundled benchmark folder (``DEPTHSEARCH_BENCHMARKS`` overrides it).
 """
 
 from __future__ import annotations
@@ -10,7 +10,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-BENCHMARKS = Path(__file__).resolve().parents[2] / "studies" / "assets" / "benchmarks"
+from studies import assets
+
+BENCHMARKS = assets("benchmarks")
 
 
 def benchmark_dir() -> Path:

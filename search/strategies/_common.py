@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Iterable, Sequence
 
 import optuna
@@ -25,9 +26,21 @@ def check_int(name: str, value, *, minimum: int = 1, allow_none: bool = False) -
     return value
 
 
-def check_fraction(name: str, value, *, upper: float = 1.0) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value < upper:
-        raise StrategySettingsError(f"setting {name!r} must be a number in [0, {upper:g}), got {value!r}")
+def check_fraction(name: str, value, *, upper: float = 1.0, closed: bool = False) -> float:
+    """A number in [0, upper), or [0, upper] when ``closed``."""
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not number or not (0.0 <= value <= upper if closed else 0.0 <= value < upper):
+        interval = f"[0, {upper:g}]" if closed else f"[0, {upper:g})"
+        raise StrategySettingsError(f"setting {name!r} must be a number in {interval}, got {value!r}")
+    return float(value)
+
+
+def check_positive(name: str, value, *, allow_none: bool = False) -> float | None:
+    """A finite number > 0 (or None when allowed)."""
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value < math.inf:
+        raise StrategySettingsError(f"setting {name!r} must be a positive number, got {value!r}")
     return float(value)
 
 
@@ -93,10 +106,6 @@ def known_feasible(run: StrategyRun, target: float, limit: int) -> list[KeepMask
             best[text] = trial.values[0]
     masks = [KeepMask.parse(text) for text in sorted(best, key=lambda t: (best[t], t))]
     return [m for m in masks if m.num_layers == run.num_layers and run.ctx.feasible(m, target)][:limit]
-
-
-def objective_name(run: StrategyRun) -> str:
-    return run.ctx.scorer.objective.name
 
 
 def argmin(values: Sequence[float]) -> int:

@@ -23,6 +23,9 @@ ATTEMPTS_PER_CHILD = 20
 
 @register("evolutionary")
 class Evolutionary(Strategy):
+    selection_only = True  # a generation keeps only its best child
+    own_objective = "kl"
+
     def __init__(
         self,
         *,

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from surgery.mask import ATTN, FFN, KeepMask, sublayer_name
 
-from ._common import Results, argmin, check_choice, check_fraction, first_feasible, next_unmet, objective_name
+from ._common import Results, argmin, check_choice, check_fraction, first_feasible, next_unmet
 from .base import Strategy, register
 
 KINDS = {"attn": (ATTN,), "ffn": (FFN,), "both": (ATTN, FFN)}
@@ -19,7 +19,7 @@ KINDS = {"attn": (ATTN,), "ffn": (FFN,), "both": (ATTN, FFN)}
 class GreedyRemoval(Strategy):
     """Greedy loop over removal units; subclasses say what a unit is."""
 
-    expected_objective: str | None = None
+    selection_only = True  # each step keeps only the best removal
 
     def __init__(self, *, exclude_front: float = 0.0, kinds: str = "both"):
         self.exclude_front = check_fraction("exclude_front", exclude_front)
@@ -42,9 +42,6 @@ class GreedyRemoval(Strategy):
         return units * (units + 1) // 2 + len(ctx.targets)
 
     def search(self, run) -> Results:
-        if self.expected_objective and objective_name(run) != self.expected_objective:
-            run.note(f"{run.strategy}: scored by the study objective {objective_name(run)!r} "
-                     f"(the method's own is {self.expected_objective!r})")
         mask = run.ctx.dense()
         path, self.order = [mask], []
         while (pending := next_unmet(run, mask)) is not None:
@@ -66,12 +63,16 @@ class GreedyFinerCut(GreedyRemoval):
     """FinerCut: attention and FFN sublayers as candidates; ``exclude_front`` keeps the first layers
     (FinerCut's -x), ``kinds`` restricts candidates to attention or FFN sublayers."""
 
+    own_objective = "js"
+    seed_method = True
+
 
 @register("blockpruner")
 class BlockPruner(GreedyRemoval):
     """BlockPruner: greedy over sublayers, by perplexity in the paper."""
 
-    expected_objective = "ppl"
+    own_objective = "ppl"
+    seed_method = True
 
     def __init__(self, *, exclude_front: float = 0.0):
         super().__init__(exclude_front=exclude_front, kinds="both")
@@ -81,7 +82,8 @@ class BlockPruner(GreedyRemoval):
 class SLEB(GreedyRemoval):
     """SLEB: greedy over whole layers (both sublayers removed together), by calibration loss in the paper."""
 
-    expected_objective = "ppl"
+    own_objective = "ppl"
+    seed_method = True
 
     def __init__(self, *, exclude_front: float = 0.0):
         super().__init__(exclude_front=exclude_front, kinds="both")

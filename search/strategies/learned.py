@@ -54,7 +54,8 @@ from search.context import SearchContext, StrategyRun
 from surgery.gates import SublayerGates, frozen
 from surgery.mask import KeepMask
 
-from .base import Strategy, StrategySettingsError, register
+from ._common import check_bool, check_choice, check_fraction, check_int, check_positive, known_feasible
+from .base import Strategy, register
 
 STRETCH = (-0.1, 1.1)
 BACKWARD_FACTOR = 3  # forward + backward ~ 3 forwards
@@ -153,19 +154,6 @@ def reference_for(reference: Reference | None, sequences: torch.Tensor, width: i
     return Reference(reference.logp[rows], pick(reference.index), pick(reference.log_tail))
 
 
-def _check(name: str, value, ok: bool, expected: str) -> None:
-    if not ok:
-        raise StrategySettingsError(f"strategy 'learned': setting {name}={value!r} must be {expected}")
-
-
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _is_real(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
 @register("learned")
 class LearnedMasks(Strategy):
     """Hard-concrete gates held on the budget by a shift, one training run per target, rounded to the budget."""
@@ -182,23 +170,26 @@ class LearnedMasks(Strategy):
         candidates: int = 8,
         samples: int = 256,
         seed: int | None = None,
+        init: str = "uniform",
+        init_scale: float = 2.0,
         progress: bool = True,
     ):
-        _check("steps", steps, _is_int(steps) and steps >= 1, "an integer >= 1")
-        _check("lr", lr, _is_real(lr) and lr > 0, "a positive number")
-        _check("temperature", temperature, _is_real(temperature) and temperature > 0, "a positive number")
-        final = temperature if final_temperature is None else final_temperature
-        _check("final_temperature", final_temperature, _is_real(final) and final > 0, "a positive number or null")
-        _check("batch", batch, _is_int(batch) and batch >= 1, "an integer >= 1 (calibration sequences per step)")
-        _check("warmup", warmup, _is_real(warmup) and 0 <= warmup <= 1, "a fraction of the steps in [0, 1]")
-        _check("candidates", candidates, _is_int(candidates) and candidates >= 1, "an integer >= 1")
-        _check("samples", samples, _is_int(samples) and samples >= 1, "an integer >= 1")
-        _check("seed", seed, seed is None or _is_int(seed), "an integer or null (the study seed)")
-        _check("progress", progress, isinstance(progress, bool), "true or false")
-        self.steps, self.lr, self.batch, self.candidates = steps, float(lr), batch, candidates
-        self.temperature, self.final_temperature = float(temperature), float(final)
-        self.warmup, self.seed, self.progress = float(warmup), seed, progress
-        self.samples = samples
+        self.steps = check_int("steps", steps)
+        self.lr = check_positive("lr", lr)
+        self.temperature = check_positive("temperature", temperature)
+        final = check_positive("final_temperature", final_temperature, allow_none=True)
+        self.final_temperature = self.temperature if final is None else final
+        self.batch = check_int("batch", batch)  # calibration sequences per step
+        self.warmup = check_fraction("warmup", warmup, closed=True)  # fraction of the steps
+        self.candidates = check_int("candidates", candidates)
+        self.samples = check_int("samples", samples)
+        self.seed = check_int("seed", seed, minimum=0, allow_none=True)  # None: the study seed
+        self.progress = check_bool("progress", progress)
+        self.init = check_choice("init", init, ("uniform", "study"))  # study: start from the best known mask
+        self.init_scale = check_positive("init_scale", init_scale)
+
+    def expected_evaluations(self, ctx) -> int:
+        return self.candidates * len(ctx.targets)
 
     def search(self, run: StrategyRun) -> dict[float, KeepMask | None]:
         results: dict[float, KeepMask | None] = {}
@@ -209,7 +200,9 @@ class LearnedMasks(Strategy):
                 run.note(f"learned: target {target:g} skipped: {error}")
                 results[target] = None
                 continue
-            trained = self.train(run.ctx, target, seed=(run.seed if self.seed is None else self.seed) + number)
+            start = self._start_mask(run, target)
+            trained = self.train(run.ctx, target, seed=(run.seed if self.seed is None else self.seed) + number,
+                                 start=start)
             results[target] = self._finish(run, target, trained)
         return results
 
@@ -235,11 +228,23 @@ class LearnedMasks(Strategy):
         )
         return best
 
-    def train(self, ctx: SearchContext, target: float, *, seed: int) -> Trained:
-        """Train gates for one budget target; deterministic given ``seed``."""
+    def _start_mask(self, run: StrategyRun, target: float) -> KeepMask | None:
+        """``init: study``: the best mask of the study that meets the target (None: start from uniform gates)."""
+        if self.init != "study":
+            return None
+        known = known_feasible(run, target, 1)
+        if known:
+            run.note(f"learned target {target:g}: gates start from {known[0]}")
+        return known[0] if known else None
+
+    def train(self, ctx: SearchContext, target: float, *, seed: int, start: KeepMask | None = None) -> Trained:
+        """Train gates for one budget target; deterministic given ``seed``. ``start``: initial gate signs."""
         scorer, costs, limit = ctx.scorer, ctx.costs, ctx.costs.limit(target)
         generator = torch.Generator().manual_seed(seed)
         gates = HardConcrete(len(costs.per_sublayer), beta=self.temperature)
+        if start is not None:
+            with torch.no_grad():
+                gates.log_alpha.copy_(torch.tensor([self.init_scale if keep else -self.init_scale for keep in start.bits]))
         optimizer = torch.optim.Adam(gates.parameters(), lr=self.lr)
         sublayer_cost = torch.tensor(costs.per_sublayer, dtype=torch.float32)
         batches = _batches(len(scorer.input_ids), min(self.batch, len(scorer.input_ids)), generator)

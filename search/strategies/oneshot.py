@@ -9,7 +9,7 @@ import torch
 from objectives.proxy import angular_distances, block_influence
 from surgery.mask import KeepMask
 
-from ._common import Results, check_bool, first_feasible, objective_name, prefix_path, targets
+from ._common import Results, check_bool, first_feasible, prefix_path, targets
 from .base import Strategy, register
 
 
@@ -24,9 +24,14 @@ class Gromov(Strategy):
     """Remove the block of n consecutive layers whose input and output hidden states are closest in angle,
     for the smallest n that meets each target (one forward pass of the dense model)."""
 
+    seed_method = True
+
     def __init__(self, *, last_token_only: bool = True):
         self.last_token_only = check_bool("last_token_only", last_token_only)
         self.distances: dict[int, list[float]] = {}  # n -> distance of the window starting at each layer
+
+    def expected_evaluations(self, ctx) -> int:
+        return len(ctx.targets)
 
     def search(self, run) -> Results:
         hidden = run.ctx.scorer.hidden_states()
@@ -58,8 +63,13 @@ class Gromov(Strategy):
 class ShortGPT(Strategy):
     """Remove the layers of lowest Block Influence (1 - cos(input, output)) until each target is met."""
 
+    seed_method = True
+
     def __init__(self):
         self.influence: list[float] = []
+
+    def expected_evaluations(self, ctx) -> int:
+        return len(ctx.targets)
 
     def search(self, run) -> Results:
         self.influence = block_influence(run.ctx.scorer.hidden_states()).tolist()
@@ -72,6 +82,10 @@ class ShortGPT(Strategy):
 class ShortenedLlama(Strategy):
     """Score each single-layer removal (L evaluations), then remove layers in order of least damage."""
 
+    seed_method = True
+
+    own_objective = "ppl"
+
     def __init__(self):
         self.scores: list[float] = []
 
@@ -79,8 +93,6 @@ class ShortenedLlama(Strategy):
         return ctx.num_layers + len(ctx.targets)
 
     def search(self, run) -> Results:
-        if objective_name(run) != "ppl":
-            run.note(f"{run.strategy}: ranked by the study objective {objective_name(run)!r} (the method's is 'ppl')")
         layers = run.num_layers
         singles = [KeepMask.from_layers(layers, [layer]) for layer in range(layers)]
         self.scores = run.evaluate_many(singles)  # serve every target: no target tag

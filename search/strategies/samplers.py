@@ -16,6 +16,7 @@ import contextlib
 import optuna
 
 from objectives.budgets import budget_excess
+from search.replay import ReplaySampler, finish_running, planned_mask
 from surgery.mask import KeepMask
 
 from ._common import Results, check_bool, check_int, known_feasible, targets, tightest_met
@@ -69,23 +70,25 @@ class OptunaSampling(Strategy):
         return optuna.create_study(
             storage=main._storage,
             study_name=f"{main.study_name}:{name}",
-            sampler=self.sampler(seed),
+            sampler=ReplaySampler(self.sampler, seed),  # trial N draws the same in any process: exact resume
             directions=directions,
             load_if_exists=True,
         )
 
     def enqueue_known(self, run, study: optuna.Study, target: float) -> None:
         sublayers = 2 * run.num_layers
-        present = {trial_mask(t, sublayers) for t in study.get_trials(deepcopy=False) if len(t.params) == sublayers}
+        present = {planned_mask(t, sublayers) for t in study.get_trials(deepcopy=False)} - {None}
         for mask in known_feasible(run, target, self.warm_start):
             if mask not in present:
                 study.enqueue_trial({f"keep_{i}": int(bit) for i, bit in enumerate(mask.bits)})
                 present.add(mask)
 
     def optimize(self, study: optuna.Study, objective) -> None:
-        done = len(study.get_trials(deepcopy=False, states=FINISHED))
-        if done < self.n_trials:
-            with quiet_optuna():
+        """Finish the trials a killed run left RUNNING, in place, then run the rest up to ``n_trials``."""
+        with quiet_optuna():
+            finish_running(study, objective)
+            done = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)))
+            if done < self.n_trials:
                 study.optimize(objective, n_trials=self.n_trials - done)
 
     def optimize_on_ray(self, run, study: optuna.Study, target: float, seed: int, *,

@@ -1,0 +1,336 @@
+"""A study directory: one owner at a time, a fingerprint of what its numbers depend on, and what may live in it.
+
+The lock is ``flock`` on the directory itself, so the kernel releases it when the holder exits or is killed
+(SIGKILL included); the file ``.lock`` only says who holds it. The fingerprint covers the resolved model path and
+a digest of its config, tokenizer and weights (the file itself for a ``.gguf`` model), dtype, device type,
+calibration and held-out text (digests of the selected characters, and the slices), objective, reference, budget
+and seed: a re-run with another of these is refused before anything is written.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import socket
+import time
+from pathlib import Path
+
+from surgery.errors import UserError
+from surgery.files import atomic_write_text
+
+LOCK_INFO = ".lock"
+CONFIG_COPY = "config.yaml"
+FINGERPRINT_VERSION = 2
+# names `run` writes into a study directory (a directory holding only these is a study interrupted early)
+OWN_NAMES = frozenset({CONFIG_COPY, "study.db", "study.db-journal", "study.db-wal", "study.db-shm", LOCK_INFO,
+                       "latency_profile.json", "tune", "trials.csv", "front.csv", "pareto.png", "pareto.html",
+                       "layers.png", "summary.md", "confirm"})
+NOT_MODEL_CONTENT = (".md", ".txt", ".gitattributes", "depthsearch-export.json")  # documentation, not weights
+
+
+class StudyDirError(UserError):
+    """A study directory that is missing, in use, foreign or holds a study made with other settings."""
+
+
+# ownership -------------------------------------------------------------------------------------------------
+def is_study_dir(path: Path) -> bool:
+    """A directory holding a study's ``config.yaml`` (it parses as a study config)."""
+    from search.config import ConfigError, load_config
+
+    try:
+        load_config(Path(path) / CONFIG_COPY)
+    except (ConfigError, OSError):
+        return False
+    return True
+
+
+def output_dir_problem(out: Path) -> str | None:
+    """Why ``out`` cannot hold a study: a file, or a directory with files that are not a depthsearch study."""
+    if out.exists() and not out.is_dir():
+        return f"output_dir: {out} exists and is not a directory"
+    if not out.is_dir():
+        return _creatable(out)
+    try:
+        names = sorted(p.name for p in out.iterdir())
+    except OSError as error:
+        return f"output_dir: cannot read {out} ({error.strerror})"
+    if not names or is_study_dir(out) or set(names) <= OWN_NAMES:
+        return None if os.access(out, os.W_OK | os.X_OK) else f"output_dir: {out} is not writable"
+    shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
+    return (f"output_dir: {out} exists and is not a depthsearch study directory (holds {shown}); "
+            "use a new or empty directory")
+
+
+def _creatable(path: Path) -> str | None:
+    """None when ``path`` can be created: its nearest existing ancestor is a writable directory."""
+    parent = path.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        return f"output_dir: cannot create {path}: {parent} is not a directory"
+    if not os.access(parent, os.W_OK | os.X_OK):
+        return f"output_dir: cannot create {path}: {parent} is not writable"
+    return None
+
+
+def make_dirs(path: Path) -> list[Path]:
+    """``mkdir -p path``; returns the directories it created (deepest last), for :func:`remove_if_empty`."""
+    created = []
+    for folder in reversed([path, *path.absolute().parents]):
+        if not folder.exists():
+            created.append(folder)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise StudyDirError(f"output_dir: cannot create {path} ({error.strerror})") from None
+    return created
+
+
+def remove_if_empty(created: list[Path]) -> None:
+    """Undo :func:`make_dirs` for directories still empty (after a failure)."""
+    for folder in reversed(created):
+        try:
+            folder.rmdir()
+        except OSError:
+            return
+
+
+class StudyLock:
+    """Exclusive ownership of a study directory while a command writes into it (``with StudyLock(dir, "run"):``)."""
+
+    def __init__(self, directory: Path, command: str):
+        self.directory, self.command, self._fd = Path(directory), command, None
+
+    def __enter__(self) -> StudyLock:
+        try:
+            fd = os.open(self.directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+        except OSError as error:
+            raise StudyDirError(f"{self.directory}: cannot open the study directory ({error.strerror})") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise StudyDirError(f"{self.directory} is in use by {self.holder()}; wait for it to finish (or stop "
+                                "it), then run this command again") from None
+        self._fd = fd
+        self._write_info()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        info = self.directory / LOCK_INFO
+        try:
+            if json.loads(info.read_text(encoding="utf-8")).get("pid") == os.getpid():
+                info.unlink()
+        except (OSError, ValueError):
+            pass
+        os.close(self._fd)  # releases the flock
+        self._fd = None
+
+    def _write_info(self) -> None:
+        info = {"pid": os.getpid(), "host": socket.gethostname(), "command": self.command,
+                "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+        try:
+            atomic_write_text(self.directory / LOCK_INFO, json.dumps(info))
+        except OSError:
+            pass  # the flock alone still protects; only the holder's name is lost
+
+    def holder(self) -> str:
+        try:
+            info = json.loads((self.directory / LOCK_INFO).read_text(encoding="utf-8"))
+            return f"`{info['command']}` (pid {info['pid']} on {info['host']}, since {info['since']})"
+        except (OSError, ValueError, KeyError, TypeError):
+            return "another process"
+
+
+# fingerprint -----------------------------------------------------------------------------------------------
+def file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 23), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def model_files(path: Path) -> list[Path]:
+    """The files a model's numbers come from: the file itself (``.gguf``), else the folder's top-level files
+    except documentation (config, tokenizer, weights, remote code)."""
+    if path.is_file():
+        return [path]
+    return sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith(".")
+                  and not p.name.endswith(NOT_MODEL_CONTENT) and not p.name.upper().startswith("LICENSE"))
+
+
+def model_digest(path: Path) -> str:
+    """sha256 over the names and contents of :func:`model_files` (reads every weight file once)."""
+    digest = hashlib.sha256()
+    try:
+        for file in model_files(path):
+            digest.update(f"{file.name}\0{file_digest(file)}\n".encode())
+    except OSError as error:
+        raise StudyDirError(f"model {path}: cannot read {error.filename or path} ({error.strerror})") from None
+    return digest.hexdigest()
+
+
+def model_identity(name: str, local: bool) -> dict:
+    """Resolved path (or hub id and cached snapshot) and content digest of a model."""
+    if local:
+        path = Path(name).expanduser().resolve()
+        return {"path": str(path), "sha256": model_digest(path)}
+    snapshot = _hub_snapshot(name)
+    return {"path": name, "sha256": model_digest(snapshot) if snapshot else None}
+
+
+def _hub_snapshot(name: str) -> Path | None:
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(name, local_files_only=True))
+    except Exception:  # noqa: BLE001 - not cached (or no hub client): the id alone identifies it
+        return None
+
+
+def text_identity(spec) -> dict:
+    """Digest of the selected characters of a ``BatchSpec``'s text, with the slice and the sampling."""
+    from objectives.calibration import load_text
+
+    text = load_text(spec.source)
+    return {"sha256": hashlib.sha256(text.encode("utf-8")).hexdigest(), "start": spec.source.start,
+            "end": spec.source.end, "num_sequences": spec.num_sequences, "seq_len": spec.seq_len, "seed": spec.seed}
+
+
+def fingerprint(config, device_type: str) -> dict:
+    """Everything a study's stored numbers depend on (a study resumed with another of these would mix them)."""
+    from search.config import model_source, text_source
+
+    return {
+        "version": FINGERPRINT_VERSION,
+        "model": model_identity(*model_source(config)),
+        "dtype": config.model.dtype,
+        "device": device_type,
+        "calibration": text_identity(text_source(config, config.calibration)),
+        "heldout": text_identity(text_source(config, config.heldout)),
+        "objective": config.objective,
+        "reference": {"topk": config.reference.topk},
+        "budget": {"metric": config.budget.metric, "targets": list(config.budget.targets),
+                   "constraints": dict(config.budget.constraints)},
+        "seed": config.seed,
+    }
+
+
+def _flat(data, prefix: str = "") -> dict:
+    if not isinstance(data, dict):
+        return {prefix: data}
+    out = {}
+    for key, value in data.items():
+        out.update(_flat(value, f"{prefix}.{key}" if prefix else str(key)))
+    return out
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text[:15] + "...'" if isinstance(value, str) and len(value) == 64 else text
+
+
+def fingerprint_problems(stored: dict | None, current: dict, where: str) -> list[str]:
+    """One ``key: stored X, now Y`` line per difference (empty when ``stored`` is None or equal)."""
+    if stored is None or stored == current:
+        return []
+    if stored.get("version") != current.get("version"):
+        return [f"{where} holds a study made by another version of depthsearch (fingerprint version "
+                f"{stored.get('version', 1)}); use a new output_dir"]
+    old, new = _flat(stored), _flat(current)
+    return [f"{key}: the study has {_short(old.get(key))}, now {_short(new.get(key))}"
+            for key in sorted(set(old) | set(new)) if old.get(key) != new.get(key)]
+
+
+# the Optuna study ------------------------------------------------------------------------------------------
+def storage_exists(url: str) -> bool:
+    """Whether ``url``'s storage is already there (a local file), so opening it creates nothing new."""
+    from search.checks import is_journal
+
+    if is_journal(url):
+        return Path(url).is_file()
+    if url.split("://", 1)[0].split("+", 1)[0] == "sqlite":
+        from sqlalchemy.engine import make_url
+
+        return Path(make_url(url).database or "").is_file()
+    return True
+
+
+def open_study(url: str, *, create: bool = True):
+    """The study ``depthsearch`` in ``url`` (created when ``create``; else None when absent, creating nothing);
+    a storage that cannot be reached or read is one :class:`StudyDirError` naming it."""
+    import optuna
+
+    from search.checks import shown_url
+    from search.config import open_storage
+    from search.context import MAIN_STUDY
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    if not create and not storage_exists(url):
+        return None
+    try:
+        if create:
+            return optuna.create_study(study_name=MAIN_STUDY, storage=open_storage(url),
+                                       directions=["minimize", "minimize"], load_if_exists=True)
+        return optuna.load_study(study_name=MAIN_STUDY, storage=open_storage(url))
+    except KeyError:
+        return None
+    except UserError:
+        raise
+    except Exception as error:  # noqa: BLE001 - SQLAlchemy, journal and version errors: the storage is unusable
+        first = (str(error).strip().splitlines() or [""])[0]
+        raise StudyDirError(f"storage {shown_url(url)}: cannot open it ({type(error).__name__}: {first})") from None
+
+
+def stored_fingerprint(study) -> dict | None:
+    return None if study is None else (study.user_attrs.get("meta") or {}).get("fingerprint")
+
+
+def check_resume(study, current: dict, where: Path, source) -> None:
+    """Refuse to resume a study made with other settings (every difference named), before anything is written."""
+    from search.config import ConfigError, format_problems
+
+    problems = fingerprint_problems(stored_fingerprint(study), current, str(where))
+    if problems:
+        head = f"{where} holds a study made with other settings; use another output_dir, or restore them:"
+        raise ConfigError(format_problems(source, [head, *problems]))
+
+
+def strategy_problems(study, config, prefix: str) -> list[str]:
+    """Strategy tags the study ran with another strategy or other settings (the old results would be reused)."""
+    problems = []
+    for i, entry in enumerate(config.strategies):
+        record = study.user_attrs.get(prefix + entry.tag) or {}
+        now = json.loads(json.dumps({"name": entry.name, "settings": dict(entry.settings)}))
+        if record.get("done") and {"name": record.get("name"), "settings": record.get("settings")} != now:
+            problems.append(f"strategies.{i}: {entry.tag!r} already ran as {record.get('name')} with settings "
+                            f"{record.get('settings')}; give these settings a new `label` (got {now['settings']})")
+    return problems
+
+
+def study_model(study_dir: Path, config, meta: dict, *, trust_remote_code: bool) -> tuple[str, bool]:
+    """(model, trust_remote_code) for export and confirm: the model the study ran on, unchanged since (its digest
+    is checked), with remote code only when the user passes ``--trust-remote-code`` (a study directory's
+    config.yaml is data, never permission to run code)."""
+    from search.config import model_source
+
+    name, local = model_source(config)
+    stored = (meta.get("fingerprint") or {}).get("model")
+    if isinstance(stored, dict) and stored.get("sha256"):
+        if local and str(Path(name).resolve()) != stored["path"]:
+            raise StudyDirError(f"{study_dir}/{CONFIG_COPY} names model {name}, but the study ran on "
+                                f"{stored['path']}")
+        if local and not Path(stored["path"]).exists():
+            raise StudyDirError(f"{study_dir}: the study's model {stored['path']} no longer exists")
+        now = model_identity(name, local)["sha256"]
+        if now is not None and now != stored["sha256"]:
+            raise StudyDirError(f"{study_dir}: the model at {stored['path']} changed since the study ran "
+                                f"(sha256 {stored['sha256'][:12]}..., now {now[:12]}...); its masks were scored "
+                                "on the old weights")
+    if config.model.trust_remote_code and not trust_remote_code:
+        raise StudyDirError(f"{study_dir}/{CONFIG_COPY} sets model.trust_remote_code: true; a study directory does "
+                            "not give permission to run a model's code: pass --trust-remote-code to allow it")
+    return name, bool(config.model.trust_remote_code and trust_remote_code)

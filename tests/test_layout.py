@@ -1,0 +1,122 @@
+"""Package layout: no import cycles, a light command-line parser, package data found from an installed copy."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("search", "surgery", "objectives", "studies")
+HEAVY = ("torch", "transformers", "pandas", "optuna", "peft", "lm_eval", "matplotlib")
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(ROOT).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imports(tree: ast.Module, *, lazy: bool) -> list[ast.Import | ast.ImportFrom]:
+    """Import statements run at import time (module body, ``if``/``try`` blocks), or every one when ``lazy``;
+    never those under ``if TYPE_CHECKING``."""
+    found, stack = [], list(tree.body)
+    while stack:
+        node = stack.pop()
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            continue
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            found.append(node)
+        elif lazy or isinstance(node, (ast.If, ast.Try)):
+            stack += [child for child in ast.iter_child_nodes(node) if isinstance(child, ast.stmt)]
+    return found
+
+
+def _targets(node, name: str, is_package: bool, modules: set[str]) -> set[str]:
+    if isinstance(node, ast.Import):
+        return {alias.name for alias in node.names} & modules
+    base = node.module or ""
+    if node.level:
+        anchor = name.split(".") if is_package else name.split(".")[:-1]
+        base = ".".join(anchor[: len(anchor) - node.level + 1] + ([base] if base else []))
+    return {f"{base}.{a.name}" if f"{base}.{a.name}" in modules else base for a in node.names} & modules
+
+
+def import_graph(packages=PACKAGES, *, lazy: bool = False) -> dict[str, set[str]]:
+    """Project module -> project modules it imports."""
+    paths = {_module_name(p): p for package in packages for p in (ROOT / package).rglob("*.py")}
+    graph = {}
+    for name, path in paths.items():
+        nodes = _imports(ast.parse(path.read_text(encoding="utf-8")), lazy=lazy)
+        graph[name] = set().union(*(_targets(n, name, path.name == "__init__.py", set(paths)) for n in nodes)) - {name}
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    found, state = [], {}
+
+    def visit(node: str, path: list[str]) -> None:
+        state[node] = "open"
+        for other in sorted(graph[node]):
+            if state.get(other) == "open":
+                found.append(path[path.index(other):] + [node, other])
+            elif other not in state:
+                visit(other, [*path, node])
+        state[node] = "done"
+
+    for node in sorted(graph):
+        if node not in state:
+            visit(node, [])
+    return found
+
+
+def test_no_import_cycles():
+    graph = import_graph()
+    assert len(graph) > 40 and "objectives.latency" in graph["objectives.budgets"]
+    assert cycles(graph) == []
+    assert cycles(import_graph(("surgery", "objectives"), lazy=True)) == []  # the lower layers: not even lazily
+
+
+def test_the_cycle_check_sees_a_cycle():
+    assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}) == [["a", "b", "c", "a"]]
+
+
+def test_building_the_parser_imports_nothing_heavy():
+    code = ("import sys; from search.study import build_parser; build_parser(); "
+            f"print(sorted(m for m in {HEAVY!r} if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("command", ["run", "report", "export", "bench", "confirm"])
+def test_every_subcommand_has_help(command):
+    out = subprocess.run([sys.executable, "-m", "search.study", command, "--help"], cwd=ROOT, capture_output=True,
+                         text=True)
+    assert out.returncode == 0 and f"python -m search.study {command}" in out.stdout
+
+
+def test_package_data_is_found_through_the_package(tmp_path):
+    from objectives.tasks.utils import BENCHMARKS
+    from search.arguments import study_config
+    from studies import assets, bundled_study
+
+    assert (assets("models", "stories260k") / "config.json").is_file()
+    assert BENCHMARKS == assets("benchmarks") and (BENCHMARKS / "tinystories_ppl.jsonl").is_file()
+    assert bundled_study("stories260k") == ROOT / "studies" / "stories260k.yaml"
+    assert bundled_study("no_such_study") is None and bundled_study("../pyproject") is None
+    assert study_config("stories260k") == str(ROOT / "studies" / "stories260k.yaml")
+    mine = tmp_path / "stories260k"
+    mine.write_text("x")
+    assert study_config(str(mine)) == str(mine)  # a path that exists is the user's file, not the shipped one
+
+
+def test_pyproject_ships_what_the_default_study_reads():
+    import tomllib
+
+    data = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))["tool"]["setuptools"]
+    assert "studies" in data["packages"]["find"]["include"]
+    shipped = data["package-data"]["studies"]
+    for needed in ("*.yaml", "assets/text/*", "assets/benchmarks/*.jsonl", "assets/models/stories260k/*"):
+        assert needed in shipped
