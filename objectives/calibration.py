@@ -51,7 +51,7 @@ def read_text_file(path: Path) -> str:
     if path.is_dir():
         raise DataError(f"{path}: is a directory, not a text file")
     if not path.is_file():
-        raise DataError(f"text file not found: {path}")
+        raise DataError(f"{path}: not a regular file" if path.exists() else f"text file not found: {path}")
     try:
         data = path.read_bytes()
         text = data.decode("utf-8")

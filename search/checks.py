@@ -161,3 +161,14 @@ def storage_problems(url: str, study_dir: Path, *, key: str = "storage", must_ex
     except Exception as error:  # noqa: BLE001 - a malformed URL
         return [f"{key}: not a valid storage URL ({error}) (got {url!r})"]
     return _remote_problems(key, url)
+
+
+def absolute_storage(url: str | None) -> str | None:
+    """``url`` with a relative SQLite or journal file path made absolute (so it means the same from any folder)."""
+    if url is None or "\0" in url:
+        return url
+    if is_journal(url):
+        return str(Path(url).absolute())
+    if url.startswith("sqlite:///") and not url.startswith("sqlite:////") and url != "sqlite:///:memory:":
+        return f"sqlite:///{Path(url[len('sqlite:///'):]).absolute()}"
+    return url

@@ -39,7 +39,7 @@ class ModelSection(_Section):
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     device: str = "auto"
     trust_remote_code: bool = False
-    threads: int | None = Field(None, ge=1, le=1024)  # torch CPU threads (None: torch's default); 1 avoids oversubscription
+    threads: int | None = Field(None, ge=1, le=1024)  # torch CPU threads (None: torch's default); 1: no contention
 
     _names = field_validator("name")(_no_nul)
 
@@ -193,7 +193,7 @@ def read_yaml(path: Path):
     if path.is_dir():
         raise ConfigError(f"{path}: is a directory, not a YAML config file")
     if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
+        raise ConfigError(f"{path}: not a regular file" if path.exists() else f"config file not found: {path}")
     try:
         data = path.read_bytes()
         text = data.decode("utf-8")
@@ -287,7 +287,8 @@ def _check_text(config: StudyConfig, key: str, section: TextSection) -> list[str
     for i, name in enumerate(section.files):
         path = Path(resolve(config, name))
         if not path.is_file():
-            what = "is a directory, not a text file" if path.is_dir() else "text file not found"
+            what = "is a directory, not a text file" if path.is_dir() else "not a regular file" if path.exists() \
+                else "text file not found"
             problems.append(f"{key}.files.{i}: {what} (got {name!r})")
     return problems
 

@@ -168,7 +168,8 @@ def pick_candidates(front: pd.DataFrame, size: str, *, top_k: int, budgets: list
         meets = front[front["removed_fraction"] >= budget - 1e-9]
         if meets.empty:
             most = front["removed_fraction"].max()
-            raise ConfirmError(f"--budgets {budget:g}: no front mask removes >= {budget:.0%} of {size} (the front reaches {most:.1%})")
+            raise ConfirmError(f"--budgets {budget:g}: no front mask removes >= {budget:.0%} of {size} "
+                               f"(the front reaches {most:.1%})")
         row = meets.sort_values("heldout_ppl", kind="stable").iloc[0]
         picked.setdefault(row["mask"], row_to(row, f"budget {budget:g}"))
     return list(picked.values())

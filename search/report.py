@@ -9,6 +9,7 @@ versus held-out perplexity, with the strategy that found each point), ``pareto.p
 from __future__ import annotations
 
 import argparse
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,9 +22,11 @@ STRATEGY_ATTR = "strategy:"
 
 
 def main(args: argparse.Namespace) -> int:
-    from search.studydir import StudyLock
+    from search.studydir import StudyDirError, StudyLock
 
     load_study(Path(args.study_dir))  # a study directory, or one clear error
+    if not os.access(args.study_dir, os.W_OK | os.X_OK):
+        raise StudyDirError(f"{args.study_dir}: the study directory is not writable; the report goes into it")
     with StudyLock(Path(args.study_dir), "python -m search.study report"):
         paths = write_report(Path(args.study_dir))
     print(f"report written: {', '.join(str(p) for p in paths.values())}")

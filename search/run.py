@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from objectives.budgets import BUDGETS, BudgetError, CostTable
 from objectives.calibration import DataError, token_batch
-from search.checks import device_problem, positions_problems, storage_problems
+from search.checks import absolute_storage, device_problem, positions_problems, storage_problems
 from search.config import (
     ConfigError,
     StudyConfig,
@@ -63,10 +63,10 @@ def main(args: argparse.Namespace) -> int:
 def environment_problems(config: StudyConfig, *, dry_run: bool = False) -> list[str]:
     """What the config points at on this machine: the device (not for a dry run, which may plan for another
     machine), the storage and the output directory. Reads only."""
-    out = Path(config.output_dir)
-    problems = [] if dry_run else [p for p in [device_problem("model.device", config.model.device)] if p]
-    problems += storage_problems(storage_url(config.storage, out), out)
-    return problems + [p for p in [output_dir_problem(out)] if p]
+    out, url = Path(config.output_dir), storage_url(config.storage, config.output_dir)
+    problems = [] if dry_run else [device_problem("model.device", config.model.device)]
+    problems += [*storage_problems(url, out), output_dir_problem(out), studydir.storage_change_problem(out, url)]
+    return [p for p in problems if p]
 
 
 # validation that needs the model ---------------------------------------------------------------------------
@@ -189,6 +189,8 @@ def describe_plan(config: StudyConfig, prepared: Prepared | None) -> str:
     name, local = model_source(config)
     out = Path(config.output_dir)
     lines = [f"study {config.source}: valid", f"  model: {name} ({'local' if local else 'hub id, not loaded'})"]
+    missing = device_problem("model.device", config.model.device)
+    lines += [f"  device: {config.model.device}" + (" (not on this machine: runs elsewhere)" if missing else "")]
     for key, section in [("calibration", config.calibration), *((h.key, h.section) for h in heldout_sets(config))]:
         spec = text_source(config, section)
         lines.append(f"  {key}: {spec.source.describe()}, {spec.num_sequences} x {spec.seq_len} tokens, seed {spec.seed}")
@@ -197,7 +199,7 @@ def describe_plan(config: StudyConfig, prepared: Prepared | None) -> str:
         table = prepared.costs[config.budget.metric]
         layers = len(table.per_sublayer) // 2
         lines.append(f"  dense {table.name}: {table.dense:g} {table.unit}; {layers} layers, 2^{2 * layers} masks")
-        lines += [f"    target {t:.0%}: {table.name} <= {table.limit(t):g}" for t in config.budget.targets]
+        lines += [f"    target {t:.1%}: {table.name} <= {table.limit(t):g}" for t in config.budget.targets]
     for entry in config.strategies:
         lines.append(f"  strategy {entry.tag}: {entry.name} {entry.settings or ''}".rstrip())
     lines.append(f"  storage: {storage_url(config.storage, out)}")
@@ -214,6 +216,7 @@ def open_study(url: str) -> optuna.Study:
 def save_config_copy(config: StudyConfig, out: Path) -> Path:
     """The config with local paths made absolute, so report/export work from the study directory alone."""
     data = config.model_dump(mode="json")
+    data["storage"] = absolute_storage(config.storage)
     name, local = model_source(config)
     data["model"]["name"] = str(Path(name).resolve()) if local else name
     for key in ("calibration", "heldout"):
@@ -266,11 +269,18 @@ def run_strategy(ctx: SearchContext, entry, *, progress: bool = True) -> dict:
     return record
 
 
-def _heldout_masks(study: optuna.Study, records: list[dict], num_layers: int) -> list[str]:
+HELDOUT_FRONT_POINTS = 32  # calibration-front masks scored on held-out text, spread evenly over size
+
+
+def _heldout_masks(study: optuna.Study, records: list[dict], num_layers: int, *, front: bool = True) -> list[str]:
+    """The dense mask, every strategy result and (``front``) up to ``HELDOUT_FRONT_POINTS`` calibration-front masks."""
     masks = {str(KeepMask.dense(num_layers))}
     for record in records:
         masks.update(m for m in record["results"].values() if m)
-    masks.update(trial.user_attrs["mask"] for trial in study.best_trials if "mask" in trial.user_attrs)
+    if front:
+        points = sorted((t for t in study.best_trials if "mask" in t.user_attrs), key=lambda t: (t.values[1], t.number))
+        step = max(1, -(-len(points) // HELDOUT_FRONT_POINTS))
+        masks.update(t.user_attrs["mask"] for t in points[::step])
     return sorted(masks)
 
 
@@ -282,8 +292,9 @@ def heldout_attr(column: str) -> str:
 def heldout_scores(study: optuna.Study, config: StudyConfig, model, prepared: Prepared, records, *, progress=True):
     """Held-out perplexity on every held-out set of every strategy result, the front and the dense model (cached)."""
     batches = {"heldout_ppl": prepared.heldout, **prepared.extra_heldout}
-    masks = _heldout_masks(study, records, study.user_attrs["meta"]["num_layers"])
-    for held in heldout_sets(config):
+    layers = study.user_attrs["meta"]["num_layers"]
+    for held in heldout_sets(config):  # extra sets: strategy results and the dense model only
+        masks = _heldout_masks(study, records, layers, front=held.column == "heldout_ppl")
         _score_heldout_set(study, config, model, held, batches[held.column], masks, progress)
 
 

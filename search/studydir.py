@@ -13,6 +13,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import socket
 import time
 from pathlib import Path
@@ -28,6 +29,7 @@ OWN_NAMES = frozenset({CONFIG_COPY, "study.db", "study.db-journal", "study.db-wa
                        "latency_profile.json", "tune", "trials.csv", "front.csv", "pareto.png", "pareto.html",
                        "layers.png", "summary.md", "confirm"})
 NOT_MODEL_CONTENT = (".md", ".txt", ".gitattributes", "depthsearch-export.json")  # documentation, not weights
+_TEMPORARY = re.compile(r"^\..+\.(\d+)\.tmp(\.[^.]+)?$")  # surgery.files.atomic_write's temporary names
 
 
 class StudyDirError(UserError):
@@ -116,6 +118,7 @@ class StudyLock:
                                 "it), then run this command again") from None
         self._fd = fd
         self._write_info()
+        remove_stale_temporaries(self.directory)
         return self
 
     def __exit__(self, *exc) -> None:
@@ -142,6 +145,27 @@ class StudyLock:
             return f"`{info['command']}` (pid {info['pid']} on {info['host']}, since {info['since']})"
         except (OSError, ValueError, KeyError, TypeError):
             return "another process"
+
+
+def remove_stale_temporaries(directory: Path) -> list[Path]:
+    """Temporary files of atomic writes (``.<name>.<pid>.tmp<suffix>``) left by a process that was killed."""
+    removed = []
+    for path in directory.glob(".*.tmp*"):
+        match = _TEMPORARY.match(path.name)
+        if match and path.is_file() and not _alive(int(match.group(1))):
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True
 
 
 # fingerprint -----------------------------------------------------------------------------------------------
@@ -334,3 +358,19 @@ def study_model(study_dir: Path, config, meta: dict, *, trust_remote_code: bool)
         raise StudyDirError(f"{study_dir}/{CONFIG_COPY} sets model.trust_remote_code: true; a study directory does "
                             "not give permission to run a model's code: pass --trust-remote-code to allow it")
     return name, bool(config.model.trust_remote_code and trust_remote_code)
+
+
+def storage_change_problem(out: Path, url: str) -> str | None:
+    """A study directory keeps its storage: a config naming another one would leave the stored study behind."""
+    from search.checks import absolute_storage, shown_url
+    from search.config import ConfigError, load_config, storage_url
+
+    copy = Path(out) / CONFIG_COPY
+    try:
+        stored = storage_url(load_config(copy).storage, out) if copy.is_file() else None
+    except ConfigError:
+        return None
+    if stored is None or absolute_storage(stored) == absolute_storage(url):
+        return None
+    return (f"storage: {out} holds a study stored in {shown_url(stored)}, not {shown_url(url)}; use that storage "
+            "or another output_dir")

@@ -79,7 +79,11 @@ def _check_parent(out_dir: Path) -> None:
 def staging_dir(out_dir: Path) -> Path:
     """A fresh staging directory beside ``out_dir``, named with this process's pid (so leftovers are known)."""
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-{os.getpid()}-", dir=out_dir.parent))
+    staging = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-{os.getpid()}-", dir=out_dir.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    staging.chmod(0o777 & ~umask)  # the export's mode as a plain mkdir would give it, not mkdtemp's private 0700
+    return staging
 
 
 def write_marker(staging: Path, record: dict) -> None:
@@ -94,7 +98,13 @@ def install(staging: Path, out_dir: Path) -> None:
     if out_dir.exists():
         old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}-{staging.name}")
         out_dir.rename(old)
-    staging.rename(out_dir)
+    try:
+        staging.rename(out_dir)
+    except OSError as error:  # another export to the same target got there between the two renames
+        if old is not None and not out_dir.exists():
+            old.rename(out_dir)
+        raise ExportError(f"--out {out_dir}: another process wrote it at the same time ({error.strerror}); "
+                          "run the export again") from None
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 

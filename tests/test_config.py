@@ -39,7 +39,7 @@ def test_stories260k_plan_numbers(capsys, tmp_path):
                        "--output-dir", str(tmp_path / "o")]) == 0
     plan = capsys.readouterr().out
     assert "dense params: 260032 parameters; 5 layers, 2^10 masks" in plan
-    assert "target 50%: params <= 130016" in plan
+    assert "target 50.0%: params <= 130016" in plan
     for name in ("exhaustive", "greedy_finercut", "blockpruner", "sleb", "gromov", "shortgpt", "shortened_llama",
                  "evolutionary", "tpe", "nsga2", "random"):
         assert f"strategy {name}:" in plan

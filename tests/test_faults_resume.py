@@ -37,8 +37,8 @@ def _working(ctx) -> list[tuple]:
     for summary in optuna.get_all_study_summaries(ctx.study._storage):
         if summary.study_name.startswith(f"{ctx.study.study_name}:"):
             study = optuna.load_study(study_name=summary.study_name, storage=ctx.study._storage)
-            rows += [(summary.study_name, t.number, t.state.name, tuple(sorted(t.params.items())), tuple(t.values or ()))
-                     for t in study.get_trials(deepcopy=False)]
+            rows += [(summary.study_name, t.number, t.state.name, tuple(sorted(t.params.items())),
+                      tuple(t.values or ())) for t in study.get_trials(deepcopy=False)]
     return sorted(rows)
 
 
@@ -60,7 +60,10 @@ def _interrupt_after(scorer, calls: int):
     return lambda: scorer.__dict__.pop("score")
 
 
-@pytest.mark.parametrize("strategy, stop_at", [("tpe", 2), ("tpe", 7), ("random", 4), ("nsga2", 3), ("nsga2", 5)])
+@pytest.mark.parametrize("strategy, stop_at", [
+    pytest.param("tpe", 2, marks=pytest.mark.slow), ("tpe", 7), ("random", 4),  # during warm start / after it
+    pytest.param("nsga2", 3, marks=pytest.mark.slow), ("nsga2", 5),
+])
 def test_interrupted_sampler_resumes_exactly(tmp_path, scored, strategy, stop_at):
     scorer, costs = scored
     reference = _seeded(tmp_path, scorer, costs, "reference")

@@ -43,7 +43,8 @@ def study(tmp_path_factory):
     ({"budget": {"targets": [0.3]}}, "budget.targets"),
     ({"model": {"dtype": "bfloat16"}}, "dtype: the study has 'float32', now 'bfloat16'"),
     ({"heldout": {"num_sequences": 2}}, "heldout.num_sequences"),
-    ({"strategies": [{"name": "gromov", "settings": {"last_token_only": False}}]}, "strategies.0: 'gromov' already ran"),
+    ({"strategies": [{"name": "gromov", "settings": {"last_token_only": False}}]},
+     "strategies.0: 'gromov' already ran"),
 ])
 def test_rerun_with_other_settings_refused_and_config_copy_kept(study, capsys, overrides, expected):
     root, out, _, model = study
@@ -52,6 +53,12 @@ def test_rerun_with_other_settings_refused_and_config_copy_kept(study, capsys, o
         data[key] = {**data[key], **value} if isinstance(value, dict) else value
     config = write_yaml(root / "other.yaml", data)
     refused(capsys, study_main, ["run", str(config), "--no-progress"], [str(config), expected], out, model)
+
+
+def test_study_keeps_its_storage(study, tmp_path, capsys):
+    root, out, config, _ = study
+    refused(capsys, study_main, ["run", str(config), "--storage", f"sqlite:///{tmp_path / 'other.db'}"],
+            ["holds a study stored in sqlite:///", "other.db"], out, tmp_path)
 
 
 def test_same_model_by_another_path_resumes(study, capsys):
@@ -238,6 +245,14 @@ def test_confirm_bad_flags_refused(study, tmp_path, capsys, flags, expected):
     _, out, _, _ = study
     refused(capsys, study_main, ["confirm", str(out), *flags], expected, tmp_path, out)
     assert not (out / "confirm").exists()
+
+
+def test_temporaries_of_a_killed_writer_are_removed(study, tmp_path):
+    copy = _copy(study, tmp_path, lambda c: None)
+    (copy / ".trials.999999999.tmp.csv").write_text("half a table")  # from a report killed mid-write
+    (copy / ".notes.txt").write_text("the user's own hidden file")
+    assert study_main(["report", str(copy)]) == 0
+    assert not (copy / ".trials.999999999.tmp.csv").exists() and (copy / ".notes.txt").is_file()
 
 
 def test_refusals_leave_the_study_usable(study, tmp_path):

@@ -38,7 +38,7 @@ def test_jsonl_source_and_errors(tmp_path, stories):
     path.write_text("\n".join(json.dumps({"body": f"Once upon a time there was a cat number {i}."}) for i in range(40)))
     ids = token_batch(BatchSpec(TextSource(files=(str(path),), field="body"), num_sequences=2, seq_len=16), stories[1])
     assert ids.shape == (2, 16)
-    with pytest.raises(DataError, match="row 0 has no field 'text'"):
+    with pytest.raises(DataError, match="rows.jsonl: line 1 has no field 'text'"):
         load_text(TextSource(files=(str(path),)))
     with pytest.raises(DataError, match="text file not found"):
         load_text(TextSource(files=(str(tmp_path / "missing.txt"),)))

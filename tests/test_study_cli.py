@@ -172,7 +172,7 @@ def test_dry_run_prints_plan_and_writes_nothing(tmp_path, capsys):
     assert study_main(["run", str(config), "--dry-run"]) == 0
     plan = capsys.readouterr().out
     assert "dense params: 260032 parameters; 5 layers, 2^10 masks" in plan
-    assert "target 40%: params <= 156019" in plan
+    assert "target 40.0%: params <= 156019" in plan
     assert not out.exists()
 
 
