@@ -58,8 +58,9 @@ def measure(name: str, mode: str, args) -> dict:
     from objectives.budgets import sublayer_costs
     from objectives.calibration import BatchSpec, TextSource, token_batch
     from objectives.scorer import MaskScorer
-    from search.context import SearchContext
-    from search.engine import PlainBackend, PrefixEngine, Staging
+    from search.evaluation.context import SearchContext
+    from search.record import StudyRecord
+    from search.evaluation.engine import PlainBackend, PrefixEngine, Staging
     from search.strategies import STRATEGIES
 
     torch.set_num_threads(args.threads)
@@ -70,8 +71,7 @@ def measure(name: str, mode: str, args) -> dict:
     scorer = MaskScorer(model, ids, args.objective, batch_size=args.batch_size)
     evaluator = PlainBackend(scorer) if mode == "plain" else PrefixEngine(scorer)
     staging = Staging(args.stage_sequences, args.stage_keep) if mode == "staged" else None
-    study = optuna.create_study(directions=["minimize", "minimize"])
-    ctx = SearchContext(scorer=scorer, costs=sublayer_costs(model), targets=tuple(args.targets), study=study,
+    ctx = SearchContext(scorer=scorer, costs=sublayer_costs(model), targets=tuple(args.targets), record=StudyRecord(),
                         evaluator=evaluator, staging=staging, racing=mode == "raced")
     strategy = STRATEGIES.get("greedy_finercut")()
     base_rss = _rss_mb()

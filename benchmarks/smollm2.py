@@ -114,17 +114,16 @@ def dtype_part(models: dict, tokenizer, args) -> dict:
 
 def greedy_run(scorer, mode: str, args) -> dict:
     """The first ``args.steps`` greedy FinerCut steps in one mode: per-step wall/CPU, order, finished values."""
-    import optuna
-
     from objectives.budgets import sublayer_costs
-    from search.context import SearchContext
-    from search.engine import Staging, make_scoring_backend
+    from search.evaluation.context import SearchContext
+    from search.record import StudyRecord
+    from search.evaluation.engine import Staging, make_scoring_backend
     from search.strategies import STRATEGIES
 
     evaluator = make_scoring_backend(scorer, prefix_reuse=mode != "plain")
     costs = sublayer_costs(scorer.model)
     ctx = SearchContext(scorer=scorer, costs=costs, targets=(args.steps / len(costs.per_sublayer),),
-                        study=optuna.create_study(directions=["minimize", "minimize"]), evaluator=evaluator,
+                        record=StudyRecord(), evaluator=evaluator,
                         staging=Staging(args.stage_sequences, args.stage_keep) if mode == "staged" else None,
                         racing=mode == "raced")
     strategy = STRATEGIES.get("greedy_finercut")()
@@ -142,7 +141,7 @@ def greedy_run(scorer, mode: str, args) -> dict:
     return {
         "mode": mode, "step_wall": [s[0] for s in steps], "step_cpu": [s[1] for s in steps],
         "order": [list(u) for u in strategy.order], "sublayer_forwards": evaluator.counters.sublayer_forwards,
-        "values": {t.user_attrs["mask"]: t.values[0] for t in ctx.study.trials},
+        "values": {done.mask: done.objective for done in ctx.record.evaluations()},
     }
 
 

@@ -120,7 +120,7 @@ class StudyConfig(_Section):
     storage: str | None = None  # Optuna storage URL; default: sqlite file in the output directory
     executor: ExecutorSection = Field(default_factory=ExecutorSection)
     engine: EngineSection = Field(default_factory=EngineSection)
-    confirm: dict[str, Any] = Field(default_factory=dict)  # validated by search.confirm
+    confirm: dict[str, Any] = Field(default_factory=dict)  # validated by search.commands.confirm
     latency: dict[str, Any] = Field(default_factory=dict)  # validated by objectives.latency
     seed: int = Field(0, ge=0, le=SEED_MAX)
     output_dir: str = "runs/study"
@@ -388,7 +388,7 @@ def _check_sections(config: StudyConfig) -> list[str]:
     except LatencyError as error:
         problems.append(str(error))
     if config.confirm:
-        from search.confirm import confirm_settings
+        from search.commands.confirm import confirm_settings
 
         try:
             confirm_settings(config)

@@ -16,12 +16,12 @@ from search import arguments
 from surgery.cli import Parser, run_cli
 
 SUBCOMMANDS = {  # name: (module with main(args), help, the arguments it takes)
-    "run": ("search.run", "run the study a YAML config describes (re-running resumes it)", arguments.run),
-    "report": ("search.report", "write the Pareto report of a study directory", arguments.report),
-    "export": ("search.export_best", "export the best mask within a budget as a smaller model", arguments.export),
-    "bench": ("search.bench", "measure an exported model's prefill/decode speed and memory against the dense model",
+    "run": ("search.commands.run", "run the study a YAML config describes (re-running resumes it)", arguments.run),
+    "report": ("search.commands.report", "write the Pareto report of a study directory", arguments.report),
+    "export": ("search.commands.export", "export the best mask within a budget as a smaller model", arguments.export),
+    "bench": ("search.commands.bench", "measure an exported model's prefill/decode speed and memory against the dense model",
               arguments.bench),
-    "confirm": ("search.confirm", "heal the front's best masks with LoRA/QLoRA and benchmark them with lm-eval",
+    "confirm": ("search.commands.confirm", "heal the front's best masks with LoRA/QLoRA and benchmark them with lm-eval",
                 arguments.confirm),
 }
 
@@ -31,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (module, help_text, add_arguments) in SUBCOMMANDS.items():
         command = sub.add_parser(name, help=help_text, description=help_text)
-        command.set_defaults(_module=module)
+        command.set_defaults(command_module=module)
         add_arguments(command)  # the module itself is imported only when its command runs
     return parser
 
@@ -41,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser().parse_args(argv)
     except SystemExit as stop:  # --help, or a bad flag (one line already printed)
         return stop.code if isinstance(stop.code, int) else 2
-    return run_cli(lambda: importlib.import_module(args._module).main(args))
+    return run_cli(lambda: importlib.import_module(args.command_module).main(args))
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ from surgery.files import atomic_write_text
 
 LOCK_INFO = ".lock"
 CONFIG_COPY = "config.yaml"
-FINGERPRINT_VERSION = 2
+FINGERPRINT_VERSION = 3  # 3: keep bits stored as one categorical distribution
 # names `run` writes into a study directory (a directory holding only these is a study interrupted early)
 OWN_NAMES = frozenset({CONFIG_COPY, "study.db", "study.db-journal", "study.db-wal", "study.db-shm", LOCK_INFO,
                        "latency_profile.json", "tune", "trials.csv", "front.csv", "pareto.png", "pareto.html",
@@ -269,70 +269,17 @@ def fingerprint_problems(stored: dict | None, current: dict, where: str) -> list
             for key in sorted(set(old) | set(new)) if old.get(key) != new.get(key)]
 
 
-# the Optuna study ------------------------------------------------------------------------------------------
-def storage_exists(url: str) -> bool:
-    """Whether ``url``'s storage is already there (a local file), so opening it creates nothing new."""
-    from search.checks import is_journal
-
-    if is_journal(url):
-        return Path(url).is_file()
-    if url.split("://", 1)[0].split("+", 1)[0] == "sqlite":
-        from sqlalchemy.engine import make_url
-
-        return Path(make_url(url).database or "").is_file()
-    return True
-
-
-def open_study(url: str, *, create: bool = True):
-    """The study ``depthsearch`` in ``url`` (created when ``create``; else None when absent, creating nothing);
-    a storage that cannot be reached or read is one :class:`StudyDirError` naming it."""
-    import optuna
-
-    from search.checks import shown_url
-    from search.config import open_storage
-    from search.context import MAIN_STUDY
-
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    if not create and not storage_exists(url):
-        return None
-    try:
-        if create:
-            return optuna.create_study(study_name=MAIN_STUDY, storage=open_storage(url),
-                                       directions=["minimize", "minimize"], load_if_exists=True)
-        return optuna.load_study(study_name=MAIN_STUDY, storage=open_storage(url))
-    except KeyError:
-        return None
-    except UserError:
-        raise
-    except Exception as error:  # noqa: BLE001 - SQLAlchemy, journal and version errors: the storage is unusable
-        first = (str(error).strip().splitlines() or [""])[0]
-        raise StudyDirError(f"storage {shown_url(url)}: cannot open it ({type(error).__name__}: {first})") from None
-
-
-def stored_fingerprint(study) -> dict | None:
-    return None if study is None else (study.user_attrs.get("meta") or {}).get("fingerprint")
-
-
-def check_resume(study, current: dict, where: Path, source) -> None:
-    """Refuse to resume a study made with other settings (every difference named), before anything is written."""
+# resuming --------------------------------------------------------------------------------------------------
+def check_resume(record, current: dict, where: Path, source) -> None:
+    """Refuse to resume a study (a ``search.record.StudyRecord``, or None) made with other settings (every
+    difference named), before anything is written."""
     from search.config import ConfigError, format_problems
 
-    problems = fingerprint_problems(stored_fingerprint(study), current, str(where))
+    stored = None if record is None else record.fingerprint()
+    problems = fingerprint_problems(stored, current, str(where))
     if problems:
         head = f"{where} holds a study made with other settings; use another output_dir, or restore them:"
         raise ConfigError(format_problems(source, [head, *problems]))
-
-
-def strategy_problems(study, config, prefix: str) -> list[str]:
-    """Strategy tags the study ran with another strategy or other settings (the old results would be reused)."""
-    problems = []
-    for i, entry in enumerate(config.strategies):
-        record = study.user_attrs.get(prefix + entry.tag) or {}
-        now = json.loads(json.dumps({"name": entry.name, "settings": dict(entry.settings)}))
-        if record.get("done") and {"name": record.get("name"), "settings": record.get("settings")} != now:
-            problems.append(f"strategies.{i}: {entry.tag!r} already ran as {record.get('name')} with settings "
-                            f"{record.get('settings')}; give these settings a new `label` (got {now['settings']})")
-    return problems
 
 
 def study_model(study_dir: Path, config, meta: dict, *, trust_remote_code: bool) -> tuple[str, bool]:

@@ -10,9 +10,9 @@ import pandas as pd
 import pytest
 import yaml
 
-from search import confirm as C
+from search.commands import confirm as C
 from search.config import ConfigError, load_config
-from search.context import MAIN_STUDY
+from search.record import MAIN_STUDY
 from search.study import main as cli
 
 ROOT = Path(__file__).resolve().parents[1]

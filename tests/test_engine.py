@@ -5,15 +5,15 @@ from __future__ import annotations
 import math
 import random
 
-import optuna
 import pytest
 import torch
 
 from objectives.budgets import sublayer_costs
 from objectives.scorer import MaskScorer
 from search.config import EngineSection
-from search.context import SearchContext
-from search.engine import PlainBackend, PrefixEngine, Staging, make_scoring_backend, staged_survivors
+from search.evaluation.context import SearchContext
+from search.record import StudyRecord
+from search.evaluation.engine import PlainBackend, PrefixEngine, Staging, make_scoring_backend, staged_survivors
 from surgery.mask import KeepMask
 from tests.families import input_ids
 
@@ -70,8 +70,8 @@ def test_staged_chunks_are_reused_by_the_full_evaluation(stories, stories_ids):
 
 
 def _context(scorer: MaskScorer, **options) -> SearchContext:
-    study = optuna.create_study(directions=["minimize", "minimize"])
-    return SearchContext(scorer=scorer, costs=sublayer_costs(scorer.model), targets=(0.2,), study=study, **options)
+    return SearchContext(scorer=scorer, costs=sublayer_costs(scorer.model), targets=(0.2,), record=StudyRecord(),
+                         **options)
 
 
 def _trials(ctx: SearchContext) -> list[tuple[str, float, str]]:
@@ -168,7 +168,7 @@ def test_state_cache_resumes_the_next_greedy_step_from_the_previous_candidates(s
 
 
 def test_state_cache_stays_within_its_byte_limit():
-    from search.engine import StateCache
+    from search.evaluation.engine import StateCache
 
     cache = StateCache(limit_bytes=3 * 4 * 10)
     for i in range(5):

@@ -8,7 +8,7 @@ import signal
 import optuna
 import pytest
 
-from search.strategies.samplers import PENALTY
+from search.record import PENALTY
 from surgery.cli import Interrupted
 from tests.test_strategies import make_context, make_scorer, run_strategy
 
@@ -34,10 +34,10 @@ def _seeded(tmp_path, scorer, costs, name: str):
 
 def _working(ctx) -> list[tuple]:
     rows = []
-    for summary in optuna.get_all_study_summaries(ctx.study._storage):
-        if summary.study_name.startswith(f"{ctx.study.study_name}:"):
-            study = optuna.load_study(study_name=summary.study_name, storage=ctx.study._storage)
-            rows += [(summary.study_name, t.number, t.state.name, tuple(sorted(t.params.items())),
+    for name in ctx.record.study_names():
+        if name.startswith(f"{ctx.study.study_name}:"):
+            study = optuna.load_study(study_name=name, storage=ctx.record.storage)
+            rows += [(name, t.number, t.state.name, tuple(sorted(t.params.items())),
                       tuple(t.values or ())) for t in study.get_trials(deepcopy=False)]
     return sorted(rows)
 
@@ -91,6 +91,6 @@ def test_penalised_trials_are_counted_like_any_other(tmp_path, scored):
     scorer, costs = scored
     ctx = make_context(tmp_path, scorer, costs, (0.7,))
     run_strategy(ctx, "random", n_trials=5, warm_start=0)
-    working = optuna.load_study(study_name="depthsearch:random:0.7", storage=ctx.study._storage)
+    working = optuna.load_study(study_name="depthsearch:random:0.7", storage=ctx.record.storage)
     values = [t.value for t in working.get_trials(deepcopy=False)]
     assert len(values) == 5 and PENALTY in values  # over-budget masks are trials too (not re-run on resume)

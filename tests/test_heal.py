@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from objectives.calibration import DataError, TextSource
-from search.heal import HealError, HealSettings, corpus_windows, heal, lora_targets, plan, step_loss
+from search.commands.heal import HealError, HealSettings, corpus_windows, heal, lora_targets, plan, step_loss
 from surgery.families import FAMILIES
 from surgery.mask import KeepMask
 
@@ -59,7 +59,7 @@ def test_healed_model_is_plain_transformers_and_pruned_is_untouched(pruned, heal
 def test_exported_healed_model_reproduces_in_memory_logits(stories, pruned, healed, stories_ids, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from search.heal import healed_into_dense
+    from search.commands.heal import healed_into_dense
     from surgery.export import export_pruned
 
     dense, tokenizer = stories

@@ -120,3 +120,36 @@ def test_pyproject_ships_what_the_default_study_reads():
     shipped = data["package-data"]["studies"]
     for needed in ("*.yaml", "assets/text/*", "assets/benchmarks/*.jsonl", "assets/models/stories260k/*"):
         assert needed in shipped
+
+
+def _sources(*folders: str) -> dict[Path, str]:
+    return {p: p.read_text(encoding="utf-8") for folder in folders for p in (ROOT / folder).rglob("*.py")}
+
+
+def test_no_private_reaches_into_optuna_or_other_modules():
+    banned = ("._storage", "_CONSTRAINTS_KEY", "._trial_id", "._study_id", "ctx._values", "optuna.study._")
+    found = [(p.name, b) for p, text in _sources("search", "tests", "benchmarks").items() for b in banned
+             if b in text and p.name != "test_layout.py"]
+    assert found == []
+
+
+def test_only_the_record_knows_the_storage_layout():
+    layout = ("user_attrs", "set_user_attr", "system_attrs", "keep_{", '"keep_', '"strategy:', '"heldout:',
+              "create_trial", "create_study", "load_study(")
+    found = [(str(p.relative_to(ROOT)), key) for p, text in _sources("search", "benchmarks").items() for key in layout
+             if key in text and p != ROOT / "search" / "record.py"]
+    assert found == []
+
+
+def test_strategies_see_only_the_run_object():
+    found = [p.name for p, text in _sources("search/strategies").items() if "run.ctx" in text or ".ctx." in text]
+    assert found == []
+    graph = import_graph(("search",), lazy=True)
+    strategies = {m: deps for m, deps in graph.items() if m.startswith("search.strategies")}
+    allowed = ("search.strategies", "search.record", "search.evaluation.context")
+    assert all(d.startswith(allowed) for deps in strategies.values() for d in deps), strategies
+
+
+def test_lower_layers_do_not_import_search():
+    graph = import_graph(("surgery", "objectives"), lazy=True)
+    assert not any(d.startswith("search") for deps in graph.values() for d in deps)

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import optuna
 import pytest
 import torch
 
 from objectives.budgets import BUDGETS
 from objectives.calibration import BatchSpec, TextSource, token_batch
 from objectives.scorer import MaskScorer
-from search.context import SearchContext
+from search.evaluation.context import SearchContext
+from search.record import StudyRecord
 from search.strategies import STRATEGIES, StrategySettingsError
 from search.strategies.learned import HardConcrete, LearnedMasks, budget_shift, round_to_budget
 from surgery.gates import SublayerGates, frozen, mask_values
@@ -41,8 +41,7 @@ def scorer(loaded):
 
 def make_context(scorer, tmp_path, name="s") -> SearchContext:
     storage = f"sqlite:///{tmp_path / (name + '.db')}"
-    study = optuna.create_study(storage=storage, study_name="depthsearch", directions=["minimize", "minimize"])
-    return SearchContext(scorer, BUDGETS.get("params")(scorer.model), TARGETS, study, seed=0)
+    return SearchContext(scorer, BUDGETS.get("params")(scorer.model), TARGETS, StudyRecord(storage), seed=0)
 
 
 def logits(model, ids):
@@ -133,11 +132,11 @@ def test_rounding_keeps_by_score_within_budget(scorer, tmp_path):
     ctx = make_context(scorer, tmp_path)
     scores = [float(10 - i) for i in range(10)]  # prefer early sublayers
     for target in TARGETS:
-        mask = round_to_budget(scores, ctx, target)
+        mask = round_to_budget(scores, ctx.budget, target)
         assert ctx.feasible(mask, target)
         # nothing removed could be added back within the budget
         assert all(not ctx.feasible(mask.with_kept(i), target) for i in mask.removed)
-    assert round_to_budget(scores, ctx, 0.1).bits[:8] == (True,) * 8
+    assert round_to_budget(scores, ctx.budget, 0.1).bits[:8] == (True,) * 8
 
 
 def test_trained_masks_meet_every_budget_and_are_recorded(scorer, tmp_path):
@@ -153,7 +152,7 @@ def test_trained_masks_meet_every_budget_and_are_recorded(scorer, tmp_path):
     assert {str(m) for m in result.values()} <= {t.user_attrs["mask"] for t in trials}
     for target, mask in result.items():  # the returned mask is the best of its target's roundings
         own = [t.values[0] for t in trials if t.user_attrs["target"] == target]
-        assert ctx._values[str(mask)] == min(own)
+        assert ctx.values[str(mask)] == min(own)
     assert all(t.user_attrs["strategy"] == "learned" for t in trials)
     assert run.forwards >= 3 * FAST["steps"] * FAST["batch"] * len(TARGETS)
     assert len(run.notes) == len(TARGETS) and "evaluations-equivalent" in run.notes[0]
@@ -163,16 +162,16 @@ def test_trained_masks_meet_every_budget_and_are_recorded(scorer, tmp_path):
 def test_expected_cost_reaches_the_target(scorer, tmp_path):
     ctx = make_context(scorer, tmp_path)
     for target in (0.1, 0.5):
-        trained = LearnedMasks(**FAST).train(ctx, target, seed=0)
+        trained = LearnedMasks(**FAST).train(ctx.strategy_run("learned"), target, seed=0)
         assert abs(trained.expected_removed - target) < 0.005
 
 
 def test_deterministic_with_seed(scorer, tmp_path):
     ctx = make_context(scorer, tmp_path)
     strategy = LearnedMasks(**FAST, seed=3)
-    first = strategy.train(ctx, 0.3, seed=3)
-    second = strategy.train(ctx, 0.3, seed=3)
-    other = strategy.train(ctx, 0.3, seed=4)
+    first = strategy.train(ctx.strategy_run("learned"), 0.3, seed=3)
+    second = strategy.train(ctx.strategy_run("learned"), 0.3, seed=3)
+    other = strategy.train(ctx.strategy_run("learned"), 0.3, seed=4)
     assert first == second
     assert first.scores != other.scores
 

@@ -10,8 +10,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from search.export_best import ExportError, removal_limit, select
-from search.report import pareto_mask, read_study
+from search.commands.export import ExportError, removal_limit, select
+from search.commands.report import pareto_mask, read_study
 from search.study import main as study_main
 from surgery.load import load_model
 from surgery.mask import KeepMask

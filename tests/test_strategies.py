@@ -15,7 +15,8 @@ from objectives.budgets import BUDGETS
 from objectives.calibration import BatchSpec, TextSource, token_batch
 from objectives.proxy import angular_distances, block_influence
 from objectives.scorer import MaskScorer
-from search.context import SearchContext
+from search.evaluation.context import SearchContext
+from search.record import StudyRecord
 from search.strategies import STRATEGIES, StrategySettingsError
 from surgery.mask import KeepMask
 from surgery.masking import masker_for
@@ -34,11 +35,8 @@ def make_scorer(stories, ids, objective="kl"):
 
 
 def make_context(tmp_path, scorer, costs, targets, *, name="depthsearch", seed=0) -> SearchContext:
-    study = optuna.create_study(
-        directions=["minimize", "minimize"], storage=f"sqlite:///{tmp_path}/s.db", study_name=name,
-        load_if_exists=True,
-    )
-    return SearchContext(scorer=scorer, costs=costs, targets=tuple(targets), study=study, seed=seed)
+    record = StudyRecord(f"sqlite:///{tmp_path}/s.db", name=name)
+    return SearchContext(scorer=scorer, costs=costs, targets=tuple(targets), record=record, seed=seed)
 
 
 def run_strategy(ctx, name, **settings):
@@ -199,7 +197,7 @@ def test_optimality_gaps_at_targets_10_to_50_percent(tmp_path, stories, text_pat
     for name in OWN[:-1]:
         ctx = make_context(tmp_path, scorer, costs, targets, name=name)  # own study: no warm start
         _, run, found = run_strategy(ctx, name)
-        gaps = {t: None if m is None else ctx._values[str(m)] - best[t] for t, m in found.items()}
+        gaps = {t: None if m is None else ctx.values[str(m)] - best[t] for t, m in found.items()}
         hits[name] = sum(g is not None and g <= 1e-9 for g in gaps.values())
         print(f"{name:16s} evaluations {run.evaluations:4d} optimal {hits[name]}/5 "
               + " ".join(f"{t:g}:{'-' if g is None else f'{g:.4f}'}" for t, g in gaps.items()))

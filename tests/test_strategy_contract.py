@@ -13,15 +13,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import optuna
 import pytest
 
 from objectives.budgets import BUDGETS
 from objectives.proxy import OBJECTIVES
 from objectives.scorer import MaskScorer
 from search.config import open_storage
-from search.context import MAIN_STUDY, SearchContext, StrategyRun
-from search.engine import PrefixEngine
+from search.evaluation.context import SearchContext, StrategyRun
+from search.evaluation.engine import PrefixEngine
+from search.record import StudyRecord
 from search.strategies import STRATEGIES, Strategy, StrategySettingsError
 from surgery.mask import KeepMask
 from surgery.masking import masker_for
@@ -71,14 +71,13 @@ def run_strategy(scored, storage: Path, name: str, tag: str | None = None, **con
     """One run of strategy ``name`` (recorded under ``tag``, default the name) on the study in the journal file
     ``storage`` (created or resumed); ``context``: SearchContext options."""
     scorer, costs = scored
-    study = optuna.create_study(storage=open_storage(str(storage)), study_name=MAIN_STUDY,
-                                directions=["minimize", "minimize"], load_if_exists=True)
-    ctx = SearchContext(scorer=scorer, costs=costs, targets=TARGETS, study=study, seed=SEED, **context)
+    ctx = SearchContext(scorer=scorer, costs=costs, targets=TARGETS, record=StudyRecord(open_storage(str(storage))),
+                        seed=SEED, **context)
     strategy = STRATEGIES.get(name).from_settings(dict(SETTINGS.get(name, {})))
     run = ctx.strategy_run(tag or name, selection_only=strategy.selection_only)
     scorer.full.clear()
     results = strategy.search(run)
-    trials = [(t.user_attrs["mask"], t.values[0]) for t in study.get_trials() if t.user_attrs["strategy"] == run.strategy]
+    trials = [(t.user_attrs["mask"], t.values[0]) for t in ctx.study.get_trials() if t.user_attrs["strategy"] == run.strategy]
     return Outcome(strategy, run, results, list(scorer.full), trials)
 
 

@@ -17,7 +17,7 @@ import yaml
 
 from search.config import load_config
 from search.study import main as study_main
-from search.workers import build_scorer
+from search.evaluation.executors import build_scorer
 from surgery.mask import KeepMask
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -13,9 +13,10 @@ import yaml
 
 from objectives.budgets import sublayer_costs
 from search.config import load_config
-from search.context import SearchContext
+from search.evaluation.context import SearchContext
+from search.record import StudyRecord
 from search.strategies import STRATEGIES
-from search.workers import ProcessEvaluator, RayEvaluator, build_scorer, context_options, split_batch
+from search.evaluation.executors import ProcessEvaluator, RayEvaluator, build_scorer, context_options, split_batch
 from surgery.mask import KeepMask
 
 
@@ -39,9 +40,9 @@ def config(tmp_path, stories_path, text_path):
 
 
 def _greedy_trials(scorer, evaluator) -> tuple[list[tuple[str, float]], dict]:
-    study = optuna.create_study(directions=["minimize", "minimize"])
-    ctx = SearchContext(scorer=scorer, costs=sublayer_costs(scorer.model), targets=(0.2,), study=study,
+    ctx = SearchContext(scorer=scorer, costs=sublayer_costs(scorer.model), targets=(0.2,), record=StudyRecord(),
                         evaluator=evaluator)
+    study = ctx.study
     results = STRATEGIES.get("greedy_finercut")().search(ctx.strategy_run("greedy_finercut"))
     return [(t.user_attrs["mask"], t.values[0]) for t in study.trials], results
 
@@ -102,7 +103,7 @@ def test_ray_workers_give_the_in_process_trials_and_survive_a_killed_worker(conf
 
 @pytest.mark.slow
 def test_ray_tune_optuna_search_trials_are_recorded_with_in_process_values(config, tmp_path):
-    from search.workers import TuneBudget, record_tune_results, tune_sampler
+    from search.evaluation.tune import TuneBudget, record_tune_results, tune_sampler
 
     scorer = build_scorer(config)
     costs = sublayer_costs(scorer.model)
@@ -111,8 +112,8 @@ def test_ray_tune_optuna_search_trials_are_recorded_with_in_process_values(confi
                            n_trials=4, warm_start=warm, storage_path=str(tmp_path / "tune"))
     assert len(results) == 4
     assert any(r["mask"] == str(warm[0]) for r in results)  # the warm start was evaluated
-    study = optuna.create_study(directions=["minimize", "minimize"])
-    ctx = SearchContext(scorer=scorer, costs=costs, targets=(0.2,), study=study)
+    ctx = SearchContext(scorer=scorer, costs=costs, targets=(0.2,), record=StudyRecord())
+    study = ctx.study
     run = ctx.strategy_run("random")
     finished = record_tune_results(run, results, lambda mask: 0.2)
     assert run.forwards == 0 and len(study.trials) == len(finished) >= 1

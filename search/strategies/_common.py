@@ -5,14 +5,12 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Iterable, Sequence
 
-import optuna
-
 from surgery.mask import KeepMask
 
 from .base import StrategySettingsError
 
 if TYPE_CHECKING:
-    from search.context import StrategyRun
+    from search.evaluation.context import StrategyRun
 
 Results = dict[float, KeepMask | None]
 
@@ -59,18 +57,18 @@ def check_bool(name: str, value) -> bool:
 # budgets -------------------------------------------------------------------------------------------------
 def targets(run: StrategyRun) -> list[float]:
     """The run's budget targets, loosest (smallest fraction removed) first."""
-    return sorted(run.ctx.targets)
+    return sorted(run.targets)
 
 
 def tightest_met(run: StrategyRun, mask: KeepMask) -> float | None:
     """The largest target ``mask`` meets (None when it meets none): the tag its evaluation is recorded under."""
-    met = [t for t in run.ctx.targets if run.ctx.feasible(mask, t)]
+    met = [t for t in run.targets if run.feasible(mask, t)]
     return max(met) if met else None
 
 
 def next_unmet(run: StrategyRun, mask: KeepMask) -> float | None:
     """The loosest target ``mask`` does not meet yet (None when it meets all)."""
-    unmet = [t for t in run.ctx.targets if not run.ctx.feasible(mask, t)]
+    unmet = [t for t in run.targets if not run.feasible(mask, t)]
     return min(unmet) if unmet else None
 
 
@@ -78,7 +76,7 @@ def first_feasible(run: StrategyRun, path: Sequence[KeepMask], why: str) -> Resu
     """For each target, the first mask of a removal path that meets it, evaluated (so it is recorded)."""
     results: Results = {}
     for target in targets(run):
-        mask = next((m for m in path if run.ctx.feasible(m, target)), None)
+        mask = next((m for m in path if run.feasible(m, target)), None)
         if mask is None:
             run.note(f"{run.strategy}: no mask for target {target:g} ({why})")
         else:
@@ -98,14 +96,8 @@ def prefix_path(num_layers: int, order: Iterable[int]) -> list[KeepMask]:
 
 
 def known_feasible(run: StrategyRun, target: float, limit: int) -> list[KeepMask]:
-    """Best ``limit`` distinct masks already evaluated in the main study (any strategy) that meet ``target``."""
-    best: dict[str, float] = {}
-    for trial in run.ctx.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
-        text = trial.user_attrs.get("mask")
-        if text is not None and text not in best:
-            best[text] = trial.values[0]
-    masks = [KeepMask.parse(text) for text in sorted(best, key=lambda t: (best[t], t))]
-    return [m for m in masks if m.num_layers == run.num_layers and run.ctx.feasible(m, target)][:limit]
+    """Best ``limit`` distinct masks already evaluated in the study (any strategy) that meet ``target``."""
+    return [m for m, _ in run.evaluated() if run.feasible(m, target)][:limit]
 
 
 def argmin(values: Sequence[float]) -> int:

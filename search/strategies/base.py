@@ -9,7 +9,7 @@ from surgery.errors import UserError
 from surgery.mask import KeepMask
 
 if TYPE_CHECKING:
-    from search.context import SearchContext, StrategyRun
+    from search.evaluation.context import SearchContext, StrategyRun
 
 
 class StrategySettingsError(UserError):
@@ -46,7 +46,7 @@ class Strategy:
 
     def note_objective(self, run: StrategyRun) -> None:
         """Note on ``run`` when the study's objective is not the method's own."""
-        objective = run.ctx.scorer.objective.name
+        objective = run.scorer.objective.name
         if self.own_objective and objective != self.own_objective:
             run.note(f"{run.strategy}: scored by the study objective {objective!r} "
                      f"(the method's own is {self.own_objective!r})")

@@ -26,7 +26,7 @@ from .greedy import GreedyRemoval
 
 def saved_cost(run, unit: tuple[int, ...]) -> float:
     """Budget-metric cost removed by ``unit`` (flat sublayer indices)."""
-    return sum(run.ctx.costs.per_sublayer[i] for i in unit) or 1e-12
+    return sum(run.budget.costs.per_sublayer[i] for i in unit) or 1e-12
 
 
 def per_cost(values: list[float], base: float, saved: list[float]) -> list[float]:
@@ -39,7 +39,7 @@ def refill(run, mask: KeepMask, target: float, stage_sequences: int = 0) -> Keep
     ``stage_sequences`` the options are ranked on that many sequences and only the chosen one is fully evaluated."""
     while True:
         options = [mask.with_kept(i) for i in mask.removed]
-        options = [m for m in options if run.ctx.feasible(m, target)]
+        options = [m for m in options if run.feasible(m, target)]
         if not options:
             return mask
         if stage_sequences and len(options) > 1:
@@ -59,7 +59,7 @@ def results_with_refill(run, path: list[KeepMask], why: str, stage_sequences: in
     """For each target, the first path mask meeting it, refilled; recorded under the target."""
     results: Results = {}
     for target in targets(run):
-        mask = next((m for m in path if run.ctx.feasible(m, target)), None)
+        mask = next((m for m in path if run.feasible(m, target)), None)
         if mask is None:
             run.note(f"{run.strategy}: no mask for target {target:g} ({why})")
         else:
@@ -88,7 +88,7 @@ class GreedyPerCost(GreedyRemoval):
         return 1 + super().expected_evaluations(ctx) + len(ctx.targets) * refill_bound(ctx)
 
     def search(self, run) -> Results:
-        mask = run.ctx.dense()
+        mask = run.dense()
         value = run.evaluate(mask)
         path, self.order = [mask], []
         while (pending := next_unmet(run, mask)) is not None and (units := self.units(mask)):
@@ -129,7 +129,7 @@ class OneShotPerCost(Strategy):
         return (0 if self.stage_sequences else 2 * ctx.num_layers + 1) + len(ctx.targets) * (1 + refill_bound(ctx))
 
     def search(self, run) -> Results:
-        dense = run.ctx.dense()
+        dense = run.dense()
         sublayers = range(len(dense.bits))
         singles = [KeepMask.from_removed(dense.num_layers, (i,)) for i in sublayers]
         if self.stage_sequences:

@@ -121,7 +121,7 @@ class Evolutionary(Strategy):
         """Remove random kept sublayers until feasible, then re-add removed ones (random order) that still fit."""
         kept = [i for i, keep in enumerate(bits) if keep]
         rng.shuffle(kept)
-        while not run.ctx.feasible(KeepMask(tuple(bits)), target):
+        while not run.feasible(KeepMask(tuple(bits)), target):
             if not kept:
                 return None
             bits[kept.pop()] = False
@@ -129,6 +129,6 @@ class Evolutionary(Strategy):
         rng.shuffle(removed)
         for index in removed:
             bits[index] = True
-            if not run.ctx.feasible(KeepMask(tuple(bits)), target):
+            if not run.feasible(KeepMask(tuple(bits)), target):
                 bits[index] = False
         return KeepMask(tuple(bits))

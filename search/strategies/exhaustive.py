@@ -43,7 +43,7 @@ class Exhaustive(Strategy):
         run.note(f"{run.strategy}: {len(values)} of {size} masks meet a target and were evaluated")
         results: Results = {}
         for target in targets(run):
-            feasible = [m for m in values if run.ctx.feasible(m, target)]
+            feasible = [m for m in values if run.feasible(m, target)]
             results[target] = feasible[argmin([values[m] for m in feasible])] if feasible else None
             if not feasible:
                 run.note(f"{run.strategy}: no mask meets target {target:g}")

@@ -42,7 +42,7 @@ class GreedyRemoval(Strategy):
         return units * (units + 1) // 2 + len(ctx.targets)
 
     def search(self, run) -> Results:
-        mask = run.ctx.dense()
+        mask = run.dense()
         path, self.order = [mask], []
         while (pending := next_unmet(run, mask)) is not None:
             units = self.units(mask)

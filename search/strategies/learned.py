@@ -50,7 +50,7 @@ from tqdm.auto import tqdm
 
 from objectives.budgets import BudgetError
 from objectives.proxy import Reference
-from search.context import SearchContext, StrategyRun
+from search.evaluation.context import Budget, StrategyRun
 from surgery.gates import SublayerGates, frozen
 from surgery.mask import KeepMask
 
@@ -132,15 +132,15 @@ class Trained:
     sequences: int
 
 
-def round_to_budget(scores, ctx: SearchContext, target: float) -> KeepMask | None:
+def round_to_budget(scores, budget: Budget, target: float) -> KeepMask | None:
     """Keep sublayers in descending score order while the mask stays feasible (None if nothing is)."""
     n = len(scores)
     mask = KeepMask((False,) * n)
-    if not ctx.feasible(mask, target):
+    if not budget.feasible(mask, target):
         return None
     for index in sorted(range(n), key=lambda i: (-scores[i], i)):
         candidate = mask.with_kept(index)
-        if ctx.feasible(candidate, target):
+        if budget.feasible(candidate, target):
             mask = candidate
     return mask
 
@@ -193,25 +193,24 @@ class LearnedMasks(Strategy):
 
     def search(self, run: StrategyRun) -> dict[float, KeepMask | None]:
         results: dict[float, KeepMask | None] = {}
-        for number, target in enumerate(run.ctx.targets):
+        for number, target in enumerate(run.targets):
             try:
-                run.ctx.costs.limit(target)
+                run.budget.costs.limit(target)
             except BudgetError as error:
                 run.note(f"learned: target {target:g} skipped: {error}")
                 results[target] = None
                 continue
             start = self._start_mask(run, target)
-            trained = self.train(run.ctx, target, seed=(run.seed if self.seed is None else self.seed) + number,
+            trained = self.train(run, target, seed=(run.seed if self.seed is None else self.seed) + number,
                                  start=start)
             results[target] = self._finish(run, target, trained)
         return results
 
     def _finish(self, run: StrategyRun, target: float, trained: Trained) -> KeepMask | None:
         """Account the training cost, evaluate the candidate roundings, return the best."""
-        ctx = run.ctx
         sequence_forwards = BACKWARD_FACTOR * trained.steps * trained.sequences
         run.forwards += sequence_forwards
-        equivalent = sequence_forwards / len(ctx.scorer.input_ids)
+        equivalent = sequence_forwards / len(run.scorer.input_ids)
         summary = (
             f"learned target {target:g}: training {trained.steps} steps x {trained.sequences} sequences "
             f"forward+backward (~{BACKWARD_FACTOR} forwards each) = {equivalent:.0f} evaluations-equivalent; last "
@@ -223,7 +222,7 @@ class LearnedMasks(Strategy):
         values = run.evaluate_many(trained.candidates, target)
         value, best = min(zip(values, trained.candidates), key=lambda pair: pair[0])
         run.note(
-            f"{summary}; best of {len(values)} rounding(s): {best} ({ctx.costs.removed_fraction(best):.1%} removed), "
+            f"{summary}; best of {len(values)} rounding(s): {best} ({run.budget.costs.removed_fraction(best):.1%} removed), "
             f"objective {value:.4g}; {equivalent + len(values):.0f} evaluations-equivalent in all"
         )
         return best
@@ -237,9 +236,9 @@ class LearnedMasks(Strategy):
             run.note(f"learned target {target:g}: gates start from {known[0]}")
         return known[0] if known else None
 
-    def train(self, ctx: SearchContext, target: float, *, seed: int, start: KeepMask | None = None) -> Trained:
+    def train(self, run: StrategyRun, target: float, *, seed: int, start: KeepMask | None = None) -> Trained:
         """Train gates for one budget target; deterministic given ``seed``. ``start``: initial gate signs."""
-        scorer, costs, limit = ctx.scorer, ctx.costs, ctx.costs.limit(target)
+        scorer, costs, limit = run.scorer, run.budget.costs, run.budget.costs.limit(target)
         generator = torch.Generator().manual_seed(seed)
         gates = HardConcrete(len(costs.per_sublayer), beta=self.temperature)
         if start is not None:
@@ -267,15 +266,15 @@ class LearnedMasks(Strategy):
         bar.close()
         with torch.no_grad():
             shift = budget_shift(gates, sublayer_cost, costs.fixed, limit)
-            candidates = self._candidates(gates, ctx, target, shift, generator)
+            candidates = self._candidates(gates, run.budget, target, shift, generator)
         return Trained(tuple(gates.log_alpha.tolist()), candidates, objective, removed, self.steps, len(sequences))
 
-    def _candidates(self, gates, ctx, target, shift, generator) -> tuple[KeepMask, ...]:
+    def _candidates(self, gates, budget: Budget, target, shift, generator) -> tuple[KeepMask, ...]:
         """The rounding of ``log_alpha``, then the most frequent roundings of ``samples`` gate draws."""
         tie = 1e-3 * torch.sigmoid(gates.log_alpha)  # order gates drawn at the same value by log_alpha
         draws = gates.sample(generator, shift, self.samples)
-        counts = Counter(round_to_budget((row + tie).tolist(), ctx, target) for row in draws)
-        final = round_to_budget(gates.log_alpha.tolist(), ctx, target)
+        counts = Counter(round_to_budget((row + tie).tolist(), budget, target) for row in draws)
+        final = round_to_budget(gates.log_alpha.tolist(), budget, target)
         ranked = dict.fromkeys([final] + [m for m, _ in counts.most_common()])
         return tuple(m for m in ranked if m is not None)[: self.candidates]
 

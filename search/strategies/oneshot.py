@@ -34,7 +34,7 @@ class Gromov(Strategy):
         return len(ctx.targets)
 
     def search(self, run) -> Results:
-        hidden = run.ctx.scorer.hidden_states()
+        hidden = run.scorer.hidden_states()
         layers = run.num_layers
         self.distances = {
             n: angular_distances(hidden, n, self.last_token_only).tolist() for n in range(1, layers + 1)
@@ -48,7 +48,7 @@ class Gromov(Strategy):
                 (d, start, KeepMask.from_layers(layers, range(start, start + n)))
                 for start, d in enumerate(distances)
             ]
-            feasible = [w for w in windows if run.ctx.feasible(w[2], target)]
+            feasible = [w for w in windows if run.feasible(w[2], target)]
             if feasible:
                 distance, start, mask = min(feasible, key=lambda w: (w[0], w[1]))
                 run.note(f"{run.strategy}: target {target:g}: layers {start}..{start + n - 1} "
@@ -72,7 +72,7 @@ class ShortGPT(Strategy):
         return len(ctx.targets)
 
     def search(self, run) -> Results:
-        self.influence = block_influence(run.ctx.scorer.hidden_states()).tolist()
+        self.influence = block_influence(run.scorer.hidden_states()).tolist()
         order = ranked_layers(self.influence)
         run.note(f"{run.strategy}: layers by block influence {order}")
         return first_feasible(run, prefix_path(run.num_layers, order), "every layer removed")

@@ -6,7 +6,7 @@ for NSGA-II), so re-running resumes them: ``n_trials`` counts the trials they al
 warm-started (``enqueue_trial``) with the best masks of the main study that meet the target, whatever strategy
 found them. The budget is a trial constraint (``trial.set_constraint``): a mask over it is not evaluated and
 gets the value ``PENALTY``; every other mask goes through ``run.evaluate``, so it is recorded in the main study.
-With ``executor: ray`` the same samplers propose masks for Ray Tune trials (``search.workers.TuneRunner``).
+With ``executor: ray`` the same samplers propose masks for Ray Tune trials (``search.evaluation.tune.TuneRunner``).
 """
 
 from __future__ import annotations
@@ -15,14 +15,13 @@ import contextlib
 
 import optuna
 
-from objectives.budgets import budget_excess
-from search.replay import ReplaySampler, finish_running, planned_mask
+from search.record import PENALTY, keep_params, planned_mask, suggest_mask
 from surgery.mask import KeepMask
 
+from .replay import ReplaySampler, finish_running
 from ._common import Results, check_bool, check_int, known_feasible, targets, tightest_met
 from .base import Strategy, register
 
-PENALTY = 1e9  # objective of a trial over the budget (never evaluated)
 FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.FAIL)
 
 
@@ -39,15 +38,7 @@ def quiet_optuna():
 
 def violation(run, mask: KeepMask, target: float) -> float:
     """0 when ``mask`` meets ``target`` and every extra constraint; else the largest excess (fraction of dense)."""
-    return budget_excess(run.ctx.costs, mask, target, run.ctx.constraints)
-
-
-def suggest_mask(trial: optuna.Trial, sublayers: int) -> KeepMask:
-    return KeepMask(tuple(bool(trial.suggest_categorical(f"keep_{i}", (0, 1))) for i in range(sublayers)))
-
-
-def trial_mask(trial: optuna.trial.FrozenTrial, sublayers: int) -> KeepMask:
-    return KeepMask(tuple(bool(trial.params[f"keep_{i}"]) for i in range(sublayers)))
+    return run.budget.excess(mask, target)
 
 
 class OptunaSampling(Strategy):
@@ -66,27 +57,21 @@ class OptunaSampling(Strategy):
         return (self.n_trials + 1) * len(ctx.targets)
 
     def working_study(self, run, name: str, seed: int, directions: list[str]) -> optuna.Study:
-        main = run.ctx.study
-        return optuna.create_study(
-            storage=main._storage,
-            study_name=f"{main.study_name}:{name}",
-            sampler=ReplaySampler(self.sampler, seed),  # trial N draws the same in any process: exact resume
-            directions=directions,
-            load_if_exists=True,
-        )
+        # trial N draws the same in any process: exact resume
+        return run.working_study(name, ReplaySampler(self.sampler, seed), directions)
 
     def enqueue_known(self, run, study: optuna.Study, target: float) -> None:
         sublayers = 2 * run.num_layers
         present = {planned_mask(t, sublayers) for t in study.get_trials(deepcopy=False)} - {None}
         for mask in known_feasible(run, target, self.warm_start):
             if mask not in present:
-                study.enqueue_trial({f"keep_{i}": int(bit) for i, bit in enumerate(mask.bits)})
+                study.enqueue_trial(keep_params(mask))
                 present.add(mask)
 
-    def optimize(self, study: optuna.Study, objective) -> None:
+    def optimize(self, run, study: optuna.Study, objective) -> None:
         """Finish the trials a killed run left RUNNING, in place, then run the rest up to ``n_trials``."""
         with quiet_optuna():
-            finish_running(study, objective)
+            finish_running(study, run.running_trials(study), objective)
             done = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)))
             if done < self.n_trials:
                 study.optimize(objective, n_trials=self.n_trials - done)
@@ -95,13 +80,13 @@ class OptunaSampling(Strategy):
                         warm_start: list[KeepMask] | None = None, **options) -> None:
         """executor ray: the remaining trials run as Ray Tune trials (OptunaSearch with this sampler), with
         ``target`` as the budget constraint, warm-started with ``warm_start`` (default: the best known masks
-        meeting ``target``); ``options`` go to the tune hook (``search.workers.TuneRunner``)."""
+        meeting ``target``); ``options`` go to the tune hook (``search.evaluation.tune.TuneRunner``)."""
         remaining = self.n_trials - len(study.get_trials(deepcopy=False, states=FINISHED))
         if remaining > 0:
             if warm_start is None:
                 warm_start = known_feasible(run, target, self.warm_start)
-            run.ctx.tune(run, study, sampler=self.sampler(seed), target=target, n_trials=remaining,
-                         warm_start=warm_start, **options)
+            run.tune_trials(study, sampler=self.sampler(seed), target=target, n_trials=remaining,
+                            warm_start=warm_start, **options)
 
     @staticmethod
     def best_for(run, study: optuna.Study, target: float) -> KeepMask | None:
@@ -109,8 +94,8 @@ class OptunaSampling(Strategy):
         sublayers = 2 * run.num_layers
         best: tuple[float, int, KeepMask] | None = None
         for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
-            mask = trial_mask(trial, sublayers)
-            if run.ctx.feasible(mask, target) and (best is None or (trial.values[0], trial.number) < best[:2]):
+            mask = planned_mask(trial, sublayers)
+            if run.feasible(mask, target) and (best is None or (trial.values[0], trial.number) < best[:2]):
                 best = (trial.values[0], trial.number, mask)
         if best is None:
             run.note(f"{run.strategy}: no trial met target {target:g}")
@@ -127,11 +112,11 @@ class PerTargetSampling(OptunaSampling):
         results: Results = {}
         for index, target in enumerate(targets(run)):
             study = self.working_study(run, f"{run.strategy}:{target:g}", seed + index, ["minimize"])
-            if run.ctx.tune is not None:
+            if run.tunes:
                 self.optimize_on_ray(run, study, target, seed + index)
             else:
                 self.enqueue_known(run, study, target)
-                self.optimize(study, lambda trial, t=target: self._objective(run, trial, t))
+                self.optimize(run, study, lambda trial, t=target: self._objective(run, trial, t))
             results[target] = self.best_for(run, study, target)
         return results
 
@@ -182,20 +167,20 @@ class NSGA2(OptunaSampling):
     def search(self, run) -> Results:
         seed = run.seed if self.seed is None else self.seed
         study = self.working_study(run, run.strategy, seed, ["minimize", "minimize"])
-        if run.ctx.tune is not None:
+        if run.tunes:
             warm = list(dict.fromkeys(m for t in targets(run) for m in known_feasible(run, t, self.warm_start)))
-            self.optimize_on_ray(run, study, min(run.ctx.targets), seed, warm_start=warm,
+            self.optimize_on_ray(run, study, min(run.targets), seed, warm_start=warm,
                                  objectives=("objective", "kept"), record_target=lambda m: tightest_met(run, m))
         else:
             for target in targets(run):
                 self.enqueue_known(run, study, target)
-            self.optimize(study, lambda trial: self._objective(run, trial))
+            self.optimize(run, study, lambda trial: self._objective(run, trial))
         return {target: self.best_for(run, study, target) for target in targets(run)}
 
     @staticmethod
     def _objective(run, trial: optuna.Trial) -> tuple[float, float]:
         mask = suggest_mask(trial, 2 * run.num_layers)
-        kept = run.ctx.costs.cost(mask) / run.ctx.costs.dense
-        excess = violation(run, mask, min(run.ctx.targets))
+        kept = run.budget.costs.cost(mask) / run.budget.costs.dense
+        excess = violation(run, mask, min(run.targets))
         trial.set_constraint("budget", excess)
         return (PENALTY if excess > 0 else run.evaluate(mask, tightest_met(run, mask)), kept)

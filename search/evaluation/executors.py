@@ -1,13 +1,13 @@
 """Executors: where masks are scored. In process (the fast engine), a local process pool, or Ray workers.
 
 ``context_options(config, scorer)`` gives the SearchContext keywords a study runs with (``evaluator``,
-``staging``, ``racing``, ``select_strategies``); ``run`` builds the context as
+``staging``, ``racing``, ``select_strategies``, ``tune``); the ``run`` command builds the context as
 ``SearchContext(..., **context_options(config, scorer))``. Every worker loads the model once and scores many
 masks with the same engine as the in-process path, so results are the same numbers. A batch is split into
 contiguous runs of its masks in prefix order (each worker keeps the prefix reuse). Ray workers are actors that
 Ray restarts when their process dies, and the task they had is retried: a killed worker loses no evaluation.
-``tune_sampler`` runs an Optuna sampler's trials (TPE, random, NSGA-II) as Ray Tune trials (OptunaSearch) on
-such workers.
+``search.evaluation.tune`` runs an Optuna sampler's trials (TPE, random, NSGA-II) as Ray Tune trials on such
+workers.
 Ray is imported only when a Ray executor is built.
 """
 
@@ -20,15 +20,10 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-import optuna
 import torch
-from optuna.distributions import CategoricalDistribution
-from optuna.study._constrained_optimization import _CONSTRAINTS_KEY
 
-from objectives.budgets import CostTable, budget_excess
 from search.config import StudyConfig
-from search.engine import EngineCounters, Staging, make_scoring_backend
-from search.strategies.samplers import PENALTY
+from search.evaluation.engine import EngineCounters, Staging, make_scoring_backend
 from surgery.mask import KeepMask
 from surgery.errors import UserError
 
@@ -164,7 +159,7 @@ class RayEvaluator(PoolEvaluator):
     def actors(self) -> list:
         """The worker actors, started on first use (and again after ``close``)."""
         if self._actors is None:
-            ray = _ray(self.address)
+            ray = ray_session(self.address)
             options = ray_options(self.resources)
             actor = ray.remote(max_restarts=-1, max_task_retries=-1)(RayWorker)
             self._actors = [actor.options(**options).remote(self.config, int(options.get("num_cpus", 1)) or 1)
@@ -209,7 +204,7 @@ def ray_options(resources: dict[str, float]) -> dict[str, Any]:
     return options
 
 
-def _ray(address: str | None):
+def ray_session(address: str | None):
     """Ray, initialised once: joins ``address`` or starts a small local cluster."""
     import ray
 
@@ -243,119 +238,11 @@ def context_options(config: StudyConfig, scorer) -> dict[str, Any]:
         "staging": Staging(engine.stage_sequences, engine.stage_keep) if engine.staged else None,
         "racing": engine.racing and config.executor.kind == "inprocess",
         "select_strategies": None if engine.select_strategies is None else tuple(engine.select_strategies),
-        "tune": TuneRunner(config) if config.executor.kind == "ray" else None,
+        "tune": _tune_runner(config) if config.executor.kind == "ray" else None,
     }
 
 
-# Ray Tune: an Optuna sampler's trials as Tune trials ---------------------------------------------------------
-_TUNE_STATE: dict[str, WorkerState] = {}  # per Tune worker process (reuse_actors keeps the process)
+def _tune_runner(config: StudyConfig):
+    from search.evaluation.tune import TuneRunner  # imports Ray Tune's helpers only for executor ray
 
-
-@dataclass(frozen=True)
-class TuneBudget:
-    """The budget a Tune trial's mask must meet: the target and the context's extra constraints."""
-
-    costs: CostTable
-    target: float
-    constraints: tuple[tuple[CostTable, float], ...] = ()
-
-    def excess(self, mask: KeepMask) -> float:
-        return budget_excess(self.costs, mask, self.target, self.constraints)
-
-
-class KeepSpace:
-    """OptunaSearch's define-by-run space: one 0/1 keep bit per sublayer, and the budget excess as the trial's
-    constraint (as in-process sampling sets it), so constrained samplers see it (a class, so Tune can pickle it)."""
-
-    def __init__(self, budget: TuneBudget):
-        self.budget = budget
-
-    def __call__(self, trial) -> None:
-        bits = [trial.suggest_categorical(f"keep_{i}", [0, 1]) for i in range(len(self.budget.costs.per_sublayer))]
-        trial.set_constraint("budget", self.budget.excess(KeepMask(tuple(map(bool, bits)))))
-
-
-def _tune_trial(params: dict, *, config: StudyConfig, budget: TuneBudget) -> dict:
-    costs = budget.costs
-    mask = KeepMask(tuple(bool(params[f"keep_{i}"]) for i in range(len(costs.per_sublayer))))
-    result = {"mask": str(mask), "kept": costs.cost(mask) / costs.dense, "feasible": budget.excess(mask) == 0.0}
-    if not result["feasible"]:
-        return {**result, "objective": PENALTY}
-    key = config.model_dump_json()
-    if key not in _TUNE_STATE:
-        _TUNE_STATE[key] = WorkerState(config, int(config.executor.resources_per_worker.get("CPU", 1)) or 1)
-    value = _TUNE_STATE[key].score([str(mask)], None)[0][0]
-    return {**result, "objective": value, "pid": os.getpid()}
-
-
-def tune_sampler(config: StudyConfig, *, budget: TuneBudget, sampler, n_trials: int,
-                 warm_start: Sequence[KeepMask] = (), metrics: Sequence[str] = ("objective",),
-                 storage_path: str | None = None) -> list[dict]:
-    """Run ``n_trials`` masks proposed by ``sampler`` (OptunaSearch; minimising ``metrics``, several for a
-    multi-objective sampler) as Ray Tune trials on ``executor.workers`` workers (each loads the model once);
-    returns each finished trial's result dict (objective, kept, mask, feasible). A trial whose worker dies is
-    retried (``FailureConfig(max_failures=2)``)."""
-    _ray(config.executor.address)
-    from ray import tune
-    from ray.tune.search.optuna import OptunaSearch
-
-    points = [{f"keep_{i}": int(b) for i, b in enumerate(m.bits)} for m in warm_start]
-    metric, mode = (metrics[0], "min") if len(metrics) == 1 else (list(metrics), ["min"] * len(metrics))
-    search = OptunaSearch(space=KeepSpace(budget), metric=metric, mode=mode, sampler=sampler,
-                          points_to_evaluate=points or None)
-    options = ray_options(config.executor.resources_per_worker)
-    resources = {"cpu": options["num_cpus"], "gpu": options["num_gpus"], **options.get("resources", {})}
-    trainable = tune.with_resources(tune.with_parameters(_tune_trial, config=config, budget=budget), resources)
-    tuner = tune.Tuner(
-        trainable,
-        tune_config=tune.TuneConfig(search_alg=search, num_samples=n_trials, reuse_actors=True,
-                                    max_concurrent_trials=config.executor.workers),
-        run_config=tune.RunConfig(storage_path=storage_path, verbose=0,
-                                  failure_config=tune.FailureConfig(max_failures=2)),
-    )
-    return [result.metrics for result in tuner.fit() if result.error is None]
-
-
-def record_tune_results(run, results: list[dict], target_of: Callable[[KeepMask], float | None]
-                        ) -> list[tuple[KeepMask, float]]:
-    """Record Tune results as trials of ``run``'s strategy in the main study (no forward pass), each under the
-    target ``target_of(mask)``."""
-    finished = []
-    for result in results:
-        if result.get("feasible"):
-            mask = KeepMask.parse(result["mask"])
-            run.ctx._values.setdefault(str(mask), float(result["objective"]))
-            finished.append((mask, run.evaluate(mask, target_of(mask))))
-    return finished
-
-
-class TuneRunner:
-    """An Optuna sampler's remaining trials as Ray Tune trials; results land in both studies.
-
-    The main study gets every feasible mask as a trial of the strategy (no forward pass in this process); the
-    strategy's working study gets every Tune trial (its values for ``metrics`` and its budget constraint), so a
-    re-run counts them and resumes. Tune's own files go to ``<output_dir>/tune``.
-    """
-
-    def __init__(self, config: StudyConfig):
-        self.config = config
-
-    def __call__(self, run, study, *, sampler, target: float, n_trials: int, warm_start: Sequence[KeepMask],
-                 objectives: Sequence[str] = ("objective",),
-                 record_target: Callable[[KeepMask], float | None] | None = None) -> None:
-        if hasattr(run.ctx.evaluator, "close"):
-            run.ctx.evaluator.close()  # the Tune trials need the workers' resources
-        budget = TuneBudget(run.ctx.costs, target, tuple(run.ctx.constraints))
-        results = tune_sampler(self.config, budget=budget, sampler=sampler, n_trials=n_trials,
-                               warm_start=warm_start, metrics=objectives,
-                               storage_path=str(Path(self.config.output_dir, "tune").resolve()))
-        record_tune_results(run, results, record_target or (lambda mask: target))
-        sublayers = len(run.ctx.costs.per_sublayer)
-        for result in results:
-            mask = KeepMask.parse(result["mask"])
-            study.add_trial(optuna.trial.create_trial(
-                params={f"keep_{i}": int(b) for i, b in enumerate(mask.bits)},
-                distributions={f"keep_{i}": CategoricalDistribution((0, 1)) for i in range(sublayers)},
-                values=[float(result[name]) for name in objectives],
-                system_attrs={f"{_CONSTRAINTS_KEY}:budget": budget.excess(mask)},
-            ))
+    return TuneRunner(config)

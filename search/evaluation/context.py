@@ -1,10 +1,11 @@
-"""What a strategy sees: scoring, budgets, and the one Optuna study every evaluation is recorded in.
+"""What a strategy sees: the run object (:class:`StrategyRun`) over one study's shared :class:`SearchContext`.
 
-Every full evaluation of a mask becomes a COMPLETE trial of the main study, values ``[objective, cost]``
-(cost on the budget metric), params ``keep_i`` (0/1 per flat sublayer, so Optuna samplers learn from every
-strategy's trials) and user attrs ``strategy``, ``mask``, ``removed_attn``, ``removed_ffn`` and each cost.
-Trials are written one by one as they finish, so a killed study loses no completed trial; on resume a
-strategy asking for a mask it already evaluated gets the stored value back without a forward pass.
+Every full evaluation of a mask is recorded in the study record (``search.record``) as a trial of the strategy
+that asked for it, one by one as they finish, so a killed study loses no completed trial; on resume a strategy
+asking for a mask it already evaluated gets the stored value back without a forward pass. Strategies use only
+the run's public API: ``evaluate`` / ``evaluate_many`` (and ``partial`` / ``partial_many`` for staged selection),
+``note``, ``targets``, ``budget`` / ``feasible``, ``scorer``, ``evaluated`` (every strategy's masks so far),
+``working_study`` and, with ``executor: ray``, ``tune_trials``; ``evaluations`` and ``forwards`` are its progress.
 """
 
 from __future__ import annotations
@@ -12,25 +13,33 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, Iterable
 
 import optuna
-from optuna.distributions import IntDistribution
 
 from objectives.budgets import CostTable, budget_excess
 from objectives.scorer import MaskScorer
-from search.engine import staged_survivors
+from search.evaluation.engine import staged_survivors
+from search.record import StudyRecord
 from surgery.mask import KeepMask
 
-MAIN_STUDY = "depthsearch"
 
+@dataclass(frozen=True)
+class Budget:
+    """The budget metric, the targets (fractions of its dense cost removed) and the extra constraints
+    ((metric, max fraction of dense kept), for every mask)."""
 
-def keep_params(mask: KeepMask) -> dict[str, int]:
-    return {f"keep_{i}": int(bit) for i, bit in enumerate(mask.bits)}
+    costs: CostTable
+    targets: tuple[float, ...]
+    constraints: tuple[tuple[CostTable, float], ...] = ()
 
+    def excess(self, mask: KeepMask, target: float) -> float:
+        """0 when ``mask`` meets ``target`` and every constraint; else the largest excess (fraction of dense)."""
+        return budget_excess(self.costs, mask, target, self.constraints)
 
-def keep_distributions(num_sublayers: int) -> dict[str, IntDistribution]:
-    return {f"keep_{i}": IntDistribution(0, 1) for i in range(num_sublayers)}
+    def feasible(self, mask: KeepMask, target: float) -> bool:
+        return self.excess(mask, target) == 0.0
 
 
 @dataclass
@@ -40,23 +49,32 @@ class SearchContext:
     scorer: MaskScorer
     costs: CostTable  # the budget metric: targets are fractions of its dense cost removed
     targets: tuple[float, ...]
-    study: optuna.Study
+    record: StudyRecord
     seed: int = 0
     extra_costs: tuple[CostTable, ...] = ()  # other metrics recorded on every trial
     constraints: tuple[tuple[CostTable, float], ...] = ()  # (metric, max fraction of dense kept) for all masks
-    evaluator: Any = None  # batch scorer: score_many(masks, sequences) (search.engine / search.workers); None: plain
-    staging: Any = None  # search.engine.Staging: staged selection in evaluate_many (None: exact, the default)
+    evaluator: Any = None  # batch scorer: score_many(masks, sequences) (engine, executors); None: plain
+    staging: Any = None  # engine.Staging: staged selection in evaluate_many (None: exact, the default)
     racing: bool = False  # exact racing in evaluate_many: masks proven worse than the best are not finished
     select_strategies: tuple[str, ...] | None = None  # override of the tags staging/racing apply to (empty: all;
     # None: the strategies whose class declares ``selection_only``)
-    tune: Any = None  # executor ray: runs an Optuna sampler's trials as Ray Tune trials (search.workers.TuneRunner)
-    _values: dict[str, float] = field(default_factory=dict)  # mask text -> full objective value
-    _recorded: dict[str, set[str]] = field(default_factory=dict)  # strategy -> masks it has trials for
+    tune: Any = None  # executor ray: an Optuna sampler's trials as Ray Tune trials (search.evaluation.tune.TuneRunner)
+    values: dict[str, float] = field(default_factory=dict)  # mask text -> full objective value
+    recorded: dict[str, set[str]] = field(default_factory=dict)  # strategy -> masks it has trials for
 
     def __post_init__(self) -> None:
-        for trial in self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
-            self._values.setdefault(trial.user_attrs["mask"], trial.values[0])
-            self._recorded.setdefault(trial.user_attrs.get("strategy"), set()).add(trial.user_attrs["mask"])
+        for done in self.record.evaluations():
+            self.values.setdefault(done.mask, done.objective)
+            self.recorded.setdefault(done.strategy, set()).add(done.mask)
+
+    @property
+    def study(self) -> optuna.Study:
+        """The main Optuna study (read-only use: every write goes through the record)."""
+        return self.record.study
+
+    @cached_property
+    def budget(self) -> Budget:
+        return Budget(self.costs, self.targets, self.constraints)
 
     @property
     def num_layers(self) -> int:
@@ -67,7 +85,7 @@ class SearchContext:
 
     def feasible(self, mask: KeepMask, target: float) -> bool:
         """Meets the budget target and every extra constraint."""
-        return budget_excess(self.costs, mask, target, self.constraints) == 0.0
+        return self.budget.feasible(mask, target)
 
     def cost_attrs(self, mask: KeepMask) -> dict[str, float]:
         return {table.name: table.cost(mask) for table in (self.costs, *self.extra_costs)}
@@ -92,8 +110,9 @@ class StrategyRun:
     _recorded: set[str] = field(default_factory=set)
 
     def __post_init__(self) -> None:
-        self._recorded = self.ctx._recorded.setdefault(self.strategy, set())  # shared: trials read once per study
+        self._recorded = self.ctx.recorded.setdefault(self.strategy, set())  # shared: trials read once per study
 
+    # what the strategy reads -----------------------------------------------------------------------------
     @property
     def seed(self) -> int:
         return self.ctx.seed
@@ -102,9 +121,61 @@ class StrategyRun:
     def num_layers(self) -> int:
         return self.ctx.num_layers
 
+    @property
+    def scorer(self) -> MaskScorer:
+        """The calibration scorer (model, token batch, objective) for strategies that look inside the model."""
+        return self.ctx.scorer
+
+    @property
+    def targets(self) -> tuple[float, ...]:
+        """The budget targets as configured (fractions of the budget metric's dense cost removed)."""
+        return self.ctx.targets
+
+    @property
+    def budget(self) -> Budget:
+        return self.ctx.budget
+
+    def feasible(self, mask: KeepMask, target: float) -> bool:
+        """Meets the budget target and every extra constraint."""
+        return self.ctx.budget.feasible(mask, target)
+
+    def dense(self) -> KeepMask:
+        return self.ctx.dense()
+
+    def evaluated(self) -> list[tuple[KeepMask, float]]:
+        """Every distinct mask of this model evaluated in the study so far (any strategy), best first."""
+        values = self.ctx.values
+        ordered = sorted(values, key=lambda text: (values[text], text))
+        masks = [(KeepMask.parse(text), values[text]) for text in ordered]
+        return [(m, v) for m, v in masks if m.num_layers == self.num_layers]
+
     def note(self, message: str) -> None:
         self.notes.append(message)
 
+    # samplers ---------------------------------------------------------------------------------------------
+    def working_study(self, name: str, sampler: optuna.samplers.BaseSampler, directions: list[str]) -> optuna.Study:
+        """A sampler's own study ``depthsearch:<name>`` beside the main one (resumed when it exists)."""
+        return self.ctx.record.working_study(name, sampler, directions)
+
+    def running_trials(self, study: optuna.Study) -> list[optuna.Trial]:
+        """A working study's trials left RUNNING by a killed run, to finish in place (exact resume)."""
+        return self.ctx.record.running_trials(study)
+
+    @property
+    def tunes(self) -> bool:
+        """Whether sampler trials run as Ray Tune trials (``executor: ray``): see :meth:`tune_trials`."""
+        return self.ctx.tune is not None
+
+    def tune_trials(self, study: optuna.Study, **options) -> None:
+        """Run a sampler's remaining trials as Ray Tune trials (``search.evaluation.tune.TuneRunner``)."""
+        self.ctx.tune(self, study, **options)
+
+    def record_scored(self, mask: KeepMask, value: float, target: float | None) -> float:
+        """A full objective computed elsewhere (a Tune worker): cached and recorded like an evaluation."""
+        self.ctx.values.setdefault(str(mask), float(value))
+        return self.evaluate(mask, target)
+
+    # evaluating -------------------------------------------------------------------------------------------
     def evaluate(self, mask: KeepMask, target: float | None = None) -> float:
         """Full-calibration objective of ``mask`` (cached; recorded as a trial of this strategy)."""
         return self._full([mask], target)[0]
@@ -119,16 +190,16 @@ class StrategyRun:
         """
         masks = list(masks)
         distinct = list(dict.fromkeys(masks))
-        fresh = [m for m in distinct if str(m) not in self.ctx._values]
+        fresh = [m for m in distinct if str(m) not in self.ctx.values]
         if len(fresh) < 2 or not self._selects():
             return self._full(masks, target)
         if self.ctx.staging is not None and len(fresh) > self.ctx.staging.keep:
             scores = self.partial_many(fresh, self.ctx.staging.sequences)
             best = {fresh[i] for i in staged_survivors(scores, self.ctx.staging.keep)}
         elif self.ctx.racing and hasattr(self.ctx.evaluator, "race"):
-            known = [self.ctx._values[str(m)] for m in distinct if m not in fresh]
+            known = [self.ctx.values[str(m)] for m in distinct if m not in fresh]
             raced = self._counted(lambda: self.ctx.evaluator.race(fresh, min(known, default=math.inf)), len(fresh))
-            self.ctx._values.update((str(m), v) for m, v in zip(fresh, raced) if math.isfinite(v))
+            self.ctx.values.update((str(m), v) for m, v in zip(fresh, raced) if math.isfinite(v))
             best = {m for m, v in zip(fresh, raced) if math.isfinite(v)}
         else:
             return self._full(masks, target)
@@ -167,39 +238,25 @@ class StrategyRun:
 
     def _full(self, masks: list[KeepMask], target: float | None) -> list[float]:
         """Full objectives: computed once per distinct mask, recorded once per strategy."""
-        missing = [m for m in dict.fromkeys(masks) if str(m) not in self.ctx._values]
+        missing = [m for m in dict.fromkeys(masks) if str(m) not in self.ctx.values]
         if missing and self.ctx.evaluator is None:
             values = [self.ctx.scorer.score(mask) for mask in missing]
             self.forwards += len(self.ctx.scorer.input_ids) * len(missing)
         elif missing:
             nominal = len(self.ctx.scorer.input_ids) * len(missing)
             values = self._counted(lambda: self.ctx.evaluator.score_many(missing), nominal)
-        self.ctx._values.update((str(m), v) for m, v in zip(missing, values if missing else ()))
+        self.ctx.values.update((str(m), v) for m, v in zip(missing, values if missing else ()))
         result = []
         for mask in masks:
             self.evaluations += 1
             if str(mask) not in self._recorded:
-                self._record(mask, self.ctx._values[str(mask)], target)
-            result.append(self.ctx._values[str(mask)])
+                self._record(mask, self.ctx.values[str(mask)], target)
+            result.append(self.ctx.values[str(mask)])
         return result
 
     def _record(self, mask: KeepMask, value: float, target: float | None) -> None:
-        costs = self.ctx.cost_attrs(mask)
-        attrs = {
-            "strategy": self.strategy,
-            "mask": str(mask),
-            "target": target,
-            "removed_attn": mask.removed_attn,
-            "removed_ffn": mask.removed_ffn,
-            **costs,
-        }
-        trial = optuna.trial.create_trial(
-            params=keep_params(mask),
-            distributions=keep_distributions(len(mask.bits)),
-            values=[value, costs[self.ctx.costs.name]],
-            user_attrs=attrs,
-        )
-        self.ctx.study.add_trial(trial)
+        self.ctx.record.add_evaluation(self.strategy, mask, value, target, self.ctx.cost_attrs(mask),
+                                       self.ctx.costs.name)
         self._recorded.add(str(mask))
 
     @property

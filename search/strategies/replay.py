@@ -17,7 +17,6 @@ from typing import Any, Callable
 import optuna
 from optuna.samplers import BaseSampler
 
-from surgery.mask import KeepMask
 
 
 class ReplaySampler(BaseSampler):
@@ -55,22 +54,13 @@ class ReplaySampler(BaseSampler):
         """Nothing to reseed: every draw is seeded from the trial it belongs to."""
 
 
-def finish_running(study: optuna.Study, objective) -> int:
-    """Complete every RUNNING trial of ``study`` (left by a killed run; the caller owns the study) in place:
-    ``objective`` sees its stored parameters (enqueued or already drawn) and draws the rest. Returns how many."""
-    running = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
-    for frozen in running:
-        trial = optuna.trial.Trial(study, frozen._trial_id)
+def finish_running(study: optuna.Study, running: list[optuna.Trial], objective) -> int:
+    """Complete the RUNNING trials of ``study`` (left by a killed run; the caller owns the study) in place:
+    ``objective`` sees their stored parameters (enqueued or already drawn) and draws the rest. ``running``: the
+    trials as live ``optuna.Trial`` objects (``search.record.StudyRecord.running_trials``). Returns how many."""
+    for trial in running:
         with warnings.catch_warnings():  # its budget constraint may be stored already: set again, same value
             warnings.filterwarnings("ignore", message="The constraint value is ignored")
             values = objective(trial)
         study.tell(trial, values)
     return len(running)
-
-
-def planned_mask(trial: optuna.trial.FrozenTrial, sublayers: int) -> KeepMask | None:
-    """The mask a trial evaluated or will evaluate: its parameters, or an enqueued trial's fixed ones."""
-    params = {**trial.system_attrs.get("fixed_params", {}), **trial.params}
-    if any(f"keep_{i}" not in params for i in range(sublayers)):
-        return None
-    return KeepMask(tuple(bool(params[f"keep_{i}"]) for i in range(sublayers)))

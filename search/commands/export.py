@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from search.report import StudyData, read_study
+from search.commands.report import StudyData, read_study
 from surgery.errors import UserError
 
 
@@ -62,7 +62,7 @@ def select(data: StudyData, *, max_params=None, max_removed=None, objective: str
 
 
 def main(args: argparse.Namespace) -> int:
-    from search.report import load_study
+    from search.commands.report import load_study_dir
     from search.config import model_source
     from search.studydir import study_model
     from surgery.cli import load_checked
@@ -71,7 +71,7 @@ def main(args: argparse.Namespace) -> int:
 
     study_dir = Path(args.study_dir)
     data = read_study(study_dir)
-    _, _, config = load_study(study_dir)
+    _, _, config = load_study_dir(study_dir)
     name, trust = study_model(study_dir, config, data.meta, trust_remote_code=args.trust_remote_code)
     best = select(data, max_params=args.max_params, max_removed=args.max_removed, objective=args.objective)
     local = model_source(config)[1]

@@ -27,7 +27,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from search.config import (
     ConfigError, StudyConfig, format_problems, load_config, model_source, resolve, text_source, validation_problems,
 )
-from search.heal import HealSettings
+from search.commands.heal import HealSettings
 from surgery.files import atomic_write, atomic_write_text
 from surgery.errors import UserError
 
@@ -137,12 +137,10 @@ class Candidate:
 
 def study_front(study_dir: Path):
     """(front frame, size metric) of a study; a clear error when it has no completed trials."""
-    import optuna
+    from search.commands.report import front_frame, load_study_dir, read_study
 
-    from search.report import front_frame, load_study, read_study
-
-    study, _, _ = load_study(study_dir)
-    if not study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+    record, _, _ = load_study_dir(study_dir)
+    if not record.evaluations():
         raise ConfirmError(f"{study_dir}: the study has no completed trials; run `python -m search.study run` first")
     data = read_study(study_dir)
     front = front_frame(data)
@@ -191,7 +189,7 @@ def _summary(values: dict[str, dict]) -> dict[str, float]:
 
 def run_candidate(cand: Candidate, ctx: dict, out: Path, progress: bool) -> dict:
     """Benchmark pruned, export it, heal, benchmark healed, export the merged healed model; the result record."""
-    from search.heal import heal, healed_into_dense
+    from search.commands.heal import heal, healed_into_dense
     from surgery.export import export_pruned, num_params, prune_model
     from surgery.mask import KeepMask
 
@@ -351,11 +349,11 @@ def main(args: argparse.Namespace) -> int:
     from objectives.benchmarks import check_tasks
 
     from search.checks import device_problem
-    from search.report import load_study
+    from search.commands.report import load_study_dir
     from search.studydir import StudyLock, study_model
 
     study_dir = Path(args.study_dir)
-    study, _, config = load_study(study_dir)
+    record, _, config = load_study_dir(study_dir)
     settings = load_settings(args, config)
     check_tasks(settings.tasks)
     problem = device_problem(f"{study_dir}/config.yaml: model.device", config.model.device)
@@ -364,7 +362,7 @@ def main(args: argparse.Namespace) -> int:
     front, size = study_front(study_dir)
     candidates = pick_candidates(front, size, top_k=settings.top_k, budgets=settings.budgets)
     source = corpus_source(config, settings.heal.corpus)
-    meta = study.user_attrs.get("meta") or {}
+    meta = record.meta()
     _, trust = study_model(study_dir, config, meta, trust_remote_code=args.trust_remote_code)
     with StudyLock(study_dir, "python -m search.study confirm"):
         return confirm(study_dir, config, settings, candidates, source, progress=not args.no_progress,
@@ -377,7 +375,7 @@ def confirm(study_dir: Path, config: StudyConfig, settings: ConfirmSettings, can
     ``trust_remote_code``: None takes the config's setting (callers from the command line decide it)."""
     from tqdm.auto import tqdm
 
-    from search.heal import corpus_windows
+    from search.commands.heal import corpus_windows
     from surgery.cli import load_checked
 
     name, _ = model_source(config)

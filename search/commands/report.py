@@ -15,16 +15,15 @@ from pathlib import Path
 
 import pandas as pd
 
+from search.record import MAIN_STUDY, PRIMARY_COLUMN, StudyRecord
 from surgery.files import atomic_write, atomic_write_text
 from surgery.mask import KeepMask, sublayer_name
-
-STRATEGY_ATTR = "strategy:"
 
 
 def main(args: argparse.Namespace) -> int:
     from search.studydir import StudyDirError, StudyLock
 
-    load_study(Path(args.study_dir))  # a study directory, or one clear error
+    load_study_dir(Path(args.study_dir))  # a study directory, or one clear error
     if not os.access(args.study_dir, os.W_OK | os.X_OK):
         raise StudyDirError(f"{args.study_dir}: the study directory is not writable; the report goes into it")
     with StudyLock(Path(args.study_dir), "python -m search.study report"):
@@ -59,11 +58,12 @@ class StudyData:
         return str(KeepMask.dense(self.meta["num_layers"]))
 
 
-def load_study(study_dir: Path):
-    """(optuna study, storage URL, config) of a study directory."""
+def load_study_dir(study_dir: Path) -> tuple[StudyRecord, str, object]:
+    """(study record, storage URL, config) of a study directory."""
     from search.checks import storage_problems
     from search.config import load_config, storage_url
-    from search.studydir import StudyDirError, open_study
+    from search.record import open_record
+    from search.studydir import StudyDirError
 
     study_dir = Path(study_dir)
     copy = study_dir / "config.yaml"
@@ -77,28 +77,22 @@ def load_study(study_dir: Path):
     problems = storage_problems(url, study_dir, key=f"{copy}: storage", must_exist=True)
     if problems:
         raise StudyDirError("; ".join(problems))
-    study = open_study(url, create=False)
-    if study is None:
-        raise StudyDirError(f"{study_dir}: no study 'depthsearch' in {url} (run `search.study run` first)")
-    return study, url, config
+    record = open_record(url, create=False)
+    if record is None:
+        raise StudyDirError(f"{study_dir}: no study {MAIN_STUDY!r} in {url} (run `search.study run` first)")
+    return record, url, config
 
 
-def trials_frame(study, meta: dict, data: StudyData) -> pd.DataFrame:
+def trials_frame(record: StudyRecord, meta: dict, data: StudyData) -> pd.DataFrame:
     """One row per evaluated mask and strategy, in trial order."""
-    import optuna
-
     rows = []
-    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
-        attrs = trial.user_attrs
-        if "mask" not in attrs:
-            continue
-        mask = attrs["mask"]
-        row = {"trial": trial.number, "strategy": attrs.get("strategy"), "target": attrs.get("target"), "mask": mask,
-               "removed_attn": attrs.get("removed_attn"), "removed_ffn": attrs.get("removed_ffn")}
+    for done in record.evaluations():
+        row = {"trial": done.number, "strategy": done.strategy, "target": done.target, "mask": done.mask,
+               "removed_attn": done.cost("removed_attn"), "removed_ffn": done.cost("removed_ffn")}
         row["removed"] = (row["removed_attn"] or 0) + (row["removed_ffn"] or 0)
-        row.update({name: attrs.get(name) for name in meta["dense"]})
-        row["objective"] = trial.values[0]
-        row.update(data.heldout_columns(mask))
+        row.update({name: done.cost(name) for name in meta["dense"]})
+        row["objective"] = done.objective
+        row.update(data.heldout_columns(done.mask))
         rows.append(row)
     columns = ["trial", "strategy", "target", "mask", "removed_attn", "removed_ffn", "removed", *meta["dense"],
                "objective", "heldout_ppl", *data.extra_heldout]
@@ -106,18 +100,16 @@ def trials_frame(study, meta: dict, data: StudyData) -> pd.DataFrame:
 
 
 def read_study(study_dir: Path) -> StudyData:
-    study, url, _ = load_study(study_dir)
-    attrs = study.user_attrs
-    if "meta" not in attrs:
+    record, url, _ = load_study_dir(study_dir)
+    meta = record.meta()
+    if not meta:
         from search.studydir import StudyDirError
 
         raise StudyDirError(f"{study_dir}: the study has no run metadata yet (run `search.study run` first)")
-    records = {k[len(STRATEGY_ATTR):]: v for k, v in attrs.items() if k.startswith(STRATEGY_ATTR)}
-    heldout = (attrs.get("heldout") or {}).get("ppl", {})
-    data = StudyData(Path(study_dir), url, attrs["meta"], records, heldout)
-    data.extra_heldout = {f"heldout_ppl_{k[len('heldout:'):]}": (v or {}).get("ppl", {})
-                          for k, v in sorted(attrs.items()) if k.startswith("heldout:")}
-    data.trials = trials_frame(study, data.meta, data)
+    heldout = record.heldout_ppl()
+    data = StudyData(Path(study_dir), url, meta, record.strategy_records(), heldout.pop(PRIMARY_COLUMN))
+    data.extra_heldout = heldout
+    data.trials = trials_frame(record, data.meta, data)
     return data
 
 

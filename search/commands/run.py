@@ -16,7 +16,6 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import optuna
 import torch
 import yaml
 from tqdm.auto import tqdm
@@ -37,12 +36,11 @@ from search.config import (
 )
 from search.studydir import CONFIG_COPY, output_dir_problem
 from search import studydir
-from search.context import SearchContext
-from search.report import write_report
+from search.evaluation.context import SearchContext
+from search.commands.report import write_report
+from search.record import StudyRecord, open_record, strategy_problems
 from surgery.files import atomic_write_text
 from surgery.mask import KeepMask
-
-STRATEGY_ATTR = "strategy:"  # study user attr prefix: one record per strategy tag
 
 
 def main(args: argparse.Namespace) -> int:
@@ -207,12 +205,7 @@ def describe_plan(config: StudyConfig, prepared: Prepared | None) -> str:
     return "\n".join(lines)
 
 
-# storage and study -----------------------------------------------------------------------------------------
-def open_study(url: str) -> optuna.Study:
-    """The study in ``url``, created when absent (storage errors are one message naming the URL)."""
-    return studydir.open_study(url, create=True)
-
-
+# the study directory ---------------------------------------------------------------------------------------
 def save_config_copy(config: StudyConfig, out: Path) -> Path:
     """The config with local paths made absolute, so report/export work from the study directory alone."""
     data = config.model_dump(mode="json")
@@ -237,8 +230,7 @@ def run_strategy(ctx: SearchContext, entry, *, progress: bool = True) -> dict:
     """Run one strategy entry unless the study marks it done; store its results and counters."""
     from search.strategies import STRATEGIES
 
-    key = STRATEGY_ATTR + entry.tag
-    record = ctx.study.user_attrs.get(key)
+    record = ctx.record.strategy_record(entry.tag)
     if record and record.get("done"):
         return record
     strategy = STRATEGIES.get(entry.name).from_settings(dict(entry.settings))
@@ -265,46 +257,41 @@ def run_strategy(ctx: SearchContext, entry, *, progress: bool = True) -> dict:
         "wall_s": round(run.wall_s, 3),
         "notes": list(run.notes),
     }
-    ctx.study.set_user_attr(key, record)
+    ctx.record.set_strategy_record(entry.tag, record)
     return record
 
 
 HELDOUT_FRONT_POINTS = 32  # calibration-front masks scored on held-out text, spread evenly over size
 
 
-def _heldout_masks(study: optuna.Study, records: list[dict], num_layers: int, *, front: bool = True) -> list[str]:
+def _heldout_masks(record: StudyRecord, results: list[dict], num_layers: int, *, front: bool = True) -> list[str]:
     """The dense mask, every strategy result and (``front``) up to ``HELDOUT_FRONT_POINTS`` calibration-front masks."""
     masks = {str(KeepMask.dense(num_layers))}
-    for record in records:
-        masks.update(m for m in record["results"].values() if m)
+    for done in results:
+        masks.update(m for m in done["results"].values() if m)
     if front:
-        points = sorted((t for t in study.best_trials if "mask" in t.user_attrs), key=lambda t: (t.values[1], t.number))
+        points = record.front()
         step = max(1, -(-len(points) // HELDOUT_FRONT_POINTS))
-        masks.update(t.user_attrs["mask"] for t in points[::step])
+        masks.update(point.mask for point in points[::step])
     return sorted(masks)
 
 
-def heldout_attr(column: str) -> str:
-    """Study user attr caching one held-out set's perplexities: ``heldout`` for the primary set."""
-    return "heldout" if column == "heldout_ppl" else f"heldout:{column[len('heldout_ppl_'):]}"
-
-
-def heldout_scores(study: optuna.Study, config: StudyConfig, model, prepared: Prepared, records, *, progress=True):
+def heldout_scores(record: StudyRecord, config: StudyConfig, model, prepared: Prepared, results, *, progress=True):
     """Held-out perplexity on every held-out set of every strategy result, the front and the dense model (cached)."""
     batches = {"heldout_ppl": prepared.heldout, **prepared.extra_heldout}
-    layers = study.user_attrs["meta"]["num_layers"]
+    layers = record.meta()["num_layers"]
     for held in heldout_sets(config):  # extra sets: strategy results and the dense model only
-        masks = _heldout_masks(study, records, layers, front=held.column == "heldout_ppl")
-        _score_heldout_set(study, config, model, held, batches[held.column], masks, progress)
+        masks = _heldout_masks(record, results, layers, front=held.column == "heldout_ppl")
+        _score_heldout_set(record, config, model, held, batches[held.column], masks, progress)
 
 
-def _score_heldout_set(study, config: StudyConfig, model, held, ids: torch.Tensor, masks: list[str], progress: bool):
+def _score_heldout_set(record: StudyRecord, config: StudyConfig, model, held, ids: torch.Tensor, masks: list[str],
+                       progress: bool):
     from objectives.scorer import MaskScorer
 
     spec = text_source(config, held.section)
     key = [spec.source.describe(), spec.num_sequences, spec.seq_len, spec.seed, studydir.text_identity(spec)["sha256"]]
-    attr = heldout_attr(held.column)
-    cache = study.user_attrs.get(attr) or {}
+    cache = record.heldout_cache(held.column)
     if cache.get("spec") != key:
         cache = {"spec": key, "ppl": {}}
     todo = [m for m in masks if m not in cache["ppl"]]
@@ -312,12 +299,11 @@ def _score_heldout_set(study, config: StudyConfig, model, held, ids: torch.Tenso
         scorer = MaskScorer(model, ids, "ppl", batch_size=config.reference.batch_size)
         for mask in tqdm(todo, desc=f"{held.key} ppl", unit="mask", disable=not progress, leave=False):
             cache["ppl"][mask] = scorer.score(KeepMask.parse(mask))
-            study.set_user_attr(attr, cache)
+            record.set_heldout_cache(held.column, cache)
 
 
-def _store_meta(study: optuna.Study, config: StudyConfig, ctx: SearchContext, costs: dict[str, CostTable],
-                fingerprint: dict) -> None:
-    meta = study.user_attrs.get("meta") or {}
+def _store_meta(config: StudyConfig, ctx: SearchContext, costs: dict[str, CostTable], fingerprint: dict) -> None:
+    meta = ctx.record.meta()
     if "dense_objective" not in meta:
         meta["dense_objective"] = ctx.scorer.score(ctx.dense())
     meta.update(
@@ -331,7 +317,7 @@ def _store_meta(study: optuna.Study, config: StudyConfig, ctx: SearchContext, co
         units={name: table.unit for name, table in costs.items()},
         strategies=[entry.tag for entry in config.strategies],
     )
-    study.set_user_attr("meta", meta)
+    ctx.record.set_meta(meta)
 
 
 def execute(config: StudyConfig, *, progress: bool = True) -> int:
@@ -353,26 +339,26 @@ def execute(config: StudyConfig, *, progress: bool = True) -> int:
     out = Path(config.output_dir)
     url = storage_url(config.storage, out)
     current = studydir.fingerprint(config, next(model.parameters()).device.type)
-    studydir.check_resume(studydir.open_study(url, create=False), current, out, config.source)
+    studydir.check_resume(open_record(url, create=False), current, out, config.source)
     created = studydir.make_dirs(out)
     try:
         with studydir.StudyLock(out, "python -m search.study run"):
-            study = open_study(url)
-            studydir.check_resume(study, current, out, config.source)  # again: another run may have started it
-            problems = studydir.strategy_problems(study, config, STRATEGY_ATTR)
+            record = open_record(url, create=True)
+            studydir.check_resume(record, current, out, config.source)  # again: another run may have started it
+            problems = strategy_problems(record, config.strategies)
             if problems:
                 raise ConfigError(format_problems(config.source, problems))
             save_config_copy(config, out)
-            return _search(config, study, url, model, prepared, current, progress=progress)
+            return _search(config, record, url, model, prepared, current, progress=progress)
     except BaseException:
         studydir.remove_if_empty(created)
         raise
 
 
-def _search(config: StudyConfig, study: optuna.Study, url: str, model, prepared: Prepared, fingerprint: dict,
+def _search(config: StudyConfig, record: StudyRecord, url: str, model, prepared: Prepared, fingerprint: dict,
             *, progress: bool) -> int:
     from objectives.scorer import MaskScorer
-    from search.workers import context_options
+    from search.evaluation.executors import context_options
 
     out = Path(config.output_dir)
     latency = [n for n in prepared.costs if n.startswith("latency")]
@@ -382,20 +368,20 @@ def _search(config: StudyConfig, study: optuna.Study, url: str, model, prepared:
                         batch_size=config.reference.batch_size, topk=config.reference.topk)
     costs = prepared.costs
     ctx = SearchContext(
-        scorer=scorer, costs=costs[config.budget.metric], targets=tuple(config.budget.targets), study=study,
+        scorer=scorer, costs=costs[config.budget.metric], targets=tuple(config.budget.targets), record=record,
         seed=config.seed, extra_costs=tuple(t for n, t in costs.items() if n != config.budget.metric),
         constraints=tuple((costs[n], kept) for n, kept in config.budget.constraints.items()),
         **context_options(config, scorer),
     )
-    _store_meta(study, config, ctx, costs, fingerprint)
+    _store_meta(config, ctx, costs, fingerprint)
     outer = tqdm(config.strategies, desc="strategies", unit="strategy", disable=not progress)
-    records = []
+    results = []
     for entry in outer:
         outer.set_postfix_str(entry.tag)
-        records.append(run_strategy(ctx, entry, progress=progress))
-    heldout_scores(study, config, model, prepared, records, progress=progress)
+        results.append(run_strategy(ctx, entry, progress=progress))
+    heldout_scores(record, config, model, prepared, results, progress=progress)
     paths = write_report(out, quiet=True)
-    trials = len(study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)))
-    print(f"done: {trials} trials from {len(records)} strategies; report {paths['summary']}, "
+    trials = len(record.evaluations())
+    print(f"done: {trials} trials from {len(results)} strategies; report {paths['summary']}, "
           f"front {paths['front']}, plots {paths['pareto_png']}; storage {url}")
     return 0

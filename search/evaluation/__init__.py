@@ -1,0 +1,1 @@
+"""Scoring masks: the run object strategies see, the plain and prefix-reuse engines, executors and Ray Tune."""

@@ -1,0 +1,124 @@
+"""Ray Tune: an Optuna sampler's trials (TPE, random, NSGA-II) as Ray Tune trials (OptunaSearch).
+
+Each Tune trial scores one mask on a worker that loads the model once (``search.evaluation.executors``), with
+the budget excess as the trial's constraint; :class:`TuneRunner` records the results in both the main study
+(through the strategy's run) and the sampler's working study, so a re-run counts them and resumes.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+from objectives.budgets import CostTable, budget_excess
+from search.config import StudyConfig
+from search.evaluation.executors import WorkerState, ray_options, ray_session
+from search.record import BUDGET_CONSTRAINT, PENALTY, keep_params, mask_from_params, suggest_mask, working_trial
+from surgery.mask import KeepMask
+
+_TUNE_STATE: dict[str, WorkerState] = {}  # per Tune worker process (reuse_actors keeps the process)
+
+
+@dataclass(frozen=True)
+class TuneBudget:
+    """The budget a Tune trial's mask must meet: the target and the context's extra constraints."""
+
+    costs: CostTable
+    target: float
+    constraints: tuple[tuple[CostTable, float], ...] = ()
+
+    def excess(self, mask: KeepMask) -> float:
+        return budget_excess(self.costs, mask, self.target, self.constraints)
+
+
+class KeepSpace:
+    """OptunaSearch's define-by-run space: one 0/1 keep bit per sublayer, and the budget excess as the trial's
+    constraint (as in-process sampling sets it), so constrained samplers see it (a class, so Tune can pickle it)."""
+
+    def __init__(self, budget: TuneBudget):
+        self.budget = budget
+
+    def __call__(self, trial) -> None:
+        mask = suggest_mask(trial, len(self.budget.costs.per_sublayer))
+        trial.set_constraint(BUDGET_CONSTRAINT, self.budget.excess(mask))
+
+
+def _tune_trial(params: dict, *, config: StudyConfig, budget: TuneBudget) -> dict:
+    costs = budget.costs
+    mask = mask_from_params(params, len(costs.per_sublayer))
+    result = {"mask": str(mask), "kept": costs.cost(mask) / costs.dense, "feasible": budget.excess(mask) == 0.0}
+    if not result["feasible"]:
+        return {**result, "objective": PENALTY}
+    key = config.model_dump_json()
+    if key not in _TUNE_STATE:
+        _TUNE_STATE[key] = WorkerState(config, int(config.executor.resources_per_worker.get("CPU", 1)) or 1)
+    value = _TUNE_STATE[key].score([str(mask)], None)[0][0]
+    return {**result, "objective": value, "pid": os.getpid()}
+
+
+def tune_sampler(config: StudyConfig, *, budget: TuneBudget, sampler, n_trials: int,
+                 warm_start: Sequence[KeepMask] = (), metrics: Sequence[str] = ("objective",),
+                 storage_path: str | None = None) -> list[dict]:
+    """Run ``n_trials`` masks proposed by ``sampler`` (OptunaSearch; minimising ``metrics``, several for a
+    multi-objective sampler) as Ray Tune trials on ``executor.workers`` workers (each loads the model once);
+    returns each finished trial's result dict (objective, kept, mask, feasible). A trial whose worker dies is
+    retried (``FailureConfig(max_failures=2)``)."""
+    ray_session(config.executor.address)
+    from ray import tune
+    from ray.tune.search.optuna import OptunaSearch
+
+    points = [keep_params(m) for m in warm_start]
+    metric, mode = (metrics[0], "min") if len(metrics) == 1 else (list(metrics), ["min"] * len(metrics))
+    search = OptunaSearch(space=KeepSpace(budget), metric=metric, mode=mode, sampler=sampler,
+                          points_to_evaluate=points or None)
+    options = ray_options(config.executor.resources_per_worker)
+    resources = {"cpu": options["num_cpus"], "gpu": options["num_gpus"], **options.get("resources", {})}
+    trainable = tune.with_resources(tune.with_parameters(_tune_trial, config=config, budget=budget), resources)
+    tuner = tune.Tuner(
+        trainable,
+        tune_config=tune.TuneConfig(search_alg=search, num_samples=n_trials, reuse_actors=True,
+                                    max_concurrent_trials=config.executor.workers),
+        run_config=tune.RunConfig(storage_path=storage_path, verbose=0,
+                                  failure_config=tune.FailureConfig(max_failures=2)),
+    )
+    return [result.metrics for result in tuner.fit() if result.error is None]
+
+
+def record_tune_results(run, results: list[dict], target_of: Callable[[KeepMask], float | None]
+                        ) -> list[tuple[KeepMask, float]]:
+    """Record Tune results as trials of ``run``'s strategy in the main study (no forward pass), each under the
+    target ``target_of(mask)``."""
+    finished = []
+    for result in results:
+        if result.get("feasible"):
+            mask = KeepMask.parse(result["mask"])
+            finished.append((mask, run.record_scored(mask, result["objective"], target_of(mask))))
+    return finished
+
+
+class TuneRunner:
+    """An Optuna sampler's remaining trials as Ray Tune trials; results land in both studies.
+
+    The main study gets every feasible mask as a trial of the strategy (no forward pass in this process); the
+    strategy's working study gets every Tune trial (its values for ``metrics`` and its budget constraint), so a
+    re-run counts them and resumes. Tune's own files go to ``<output_dir>/tune``.
+    """
+
+    def __init__(self, config: StudyConfig):
+        self.config = config
+
+    def __call__(self, run, study, *, sampler, target: float, n_trials: int, warm_start: Sequence[KeepMask],
+                 objectives: Sequence[str] = ("objective",),
+                 record_target: Callable[[KeepMask], float | None] | None = None) -> None:
+        if hasattr(run.ctx.evaluator, "close"):
+            run.ctx.evaluator.close()  # the Tune trials need the workers' resources
+        budget = TuneBudget(run.budget.costs, target, tuple(run.budget.constraints))
+        results = tune_sampler(self.config, budget=budget, sampler=sampler, n_trials=n_trials,
+                               warm_start=warm_start, metrics=objectives,
+                               storage_path=str(Path(self.config.output_dir, "tune").resolve()))
+        record_tune_results(run, results, record_target or (lambda mask: target))
+        for result in results:
+            mask = KeepMask.parse(result["mask"])
+            study.add_trial(working_trial(mask, [float(result[name]) for name in objectives], budget.excess(mask)))
