@@ -224,26 +224,26 @@ def _is_seed(data: StudyData, tag: str) -> bool:
     return name in STRATEGIES and bool(getattr(STRATEGIES.get(name), "seed_method", False))
 
 
-def _best_row(group: pd.DataFrame, columns: list[str]):
-    group = group.dropna(subset=columns)
-    return None if group.empty else group.sort_values(columns[0], kind="stable").iloc[0]
+def _best(group: pd.DataFrame, column: str):
+    """(value, the strategies whose result is that mask) of the lowest ``column`` in ``group``."""
+    group = group.dropna(subset=[column])
+    if group.empty:
+        return None
+    best = group.sort_values(column, kind="stable").iloc[0]
+    return best[column], "+".join(group.loc[group["mask"] == best["mask"], "strategy"])
 
 
 def comparison_frame(data: StudyData, results: pd.DataFrame) -> pd.DataFrame:
-    """Per target: the best seed method and the best of the project's own strategies on each held-out set."""
-    columns = ["heldout_ppl", *data.extra_heldout]
+    """Per target and held-out set: the best seed method against the best of the project's own strategies."""
     seeds = results["strategy"].map(lambda tag: _is_seed(data, tag))
     rows = []
     for target, group in results.groupby("target", sort=True):
-        seed, own = _best_row(group[seeds[group.index]], columns), _best_row(group[~seeds[group.index]], columns)
-        if seed is None or own is None:
-            continue
-        row = {"target": target, "best seed": seed["strategy"], "best own": own["strategy"]}
-        for column in columns:
-            label = "held-out ppl" + ("" if column == "heldout_ppl" else " " + column[len("heldout_ppl_"):])
-            row[f"{label} seed"], row[f"{label} own"] = seed[column], own[column]
-            row[f"{label} change"] = f"{own[column] / seed[column] - 1:+.1%}"
-        rows.append(row)
+        for column in ["heldout_ppl", *data.extra_heldout]:
+            seed, own = _best(group[seeds[group.index]], column), _best(group[~seeds[group.index]], column)
+            if seed is None or own is None:
+                continue
+            rows.append({"target": target, "held-out set": column, "best seed": seed[1], "seed ppl": seed[0],
+                         "best own": own[1], "own ppl": own[0], "change": f"{own[0] / seed[0] - 1:+.1%}"})
     return pd.DataFrame(rows)
 
 
