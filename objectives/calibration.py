@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 from surgery.errors import UserError
+from surgery.files import read_utf8
 
 
 class DataError(UserError):
@@ -48,20 +49,7 @@ class BatchSpec:
 
 def read_text_file(path: Path) -> str:
     """A UTF-8 text file; errors name the file, and the line of an undecodable byte or a NUL (binary data)."""
-    if path.is_dir():
-        raise DataError(f"{path}: is a directory, not a text file")
-    if not path.is_file():
-        raise DataError(f"{path}: not a regular file" if path.exists() else f"text file not found: {path}")
-    try:
-        data = path.read_bytes()
-        text = data.decode("utf-8")
-    except OSError as error:
-        raise DataError(f"{path}: cannot read ({error.strerror})") from None
-    except UnicodeDecodeError as error:
-        line = data.count(b"\n", 0, error.start) + 1
-        column = error.start - data.rfind(b"\n", 0, error.start)
-        raise DataError(f"{path}: not UTF-8 text (byte 0x{data[error.start]:02x} at line {line}, column {column}); "
-                        "convert it to UTF-8") from None
+    text = read_utf8(path, DataError, "text file")
     if "\0" in text:
         line = text.count("\n", 0, text.index("\0")) + 1
         raise DataError(f"{path}: line {line} holds a NUL byte: a binary file, not text")

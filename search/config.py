@@ -10,6 +10,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from surgery.errors import UserError
+from surgery.files import read_utf8
 
 from surgery.gguf_source import GgufError, is_gguf, read_header
 
@@ -190,18 +191,7 @@ def read_yaml(path: Path):
     """The YAML document of ``path`` (UTF-8; bounded aliases, no duplicate keys), errors naming the file."""
     if "\0" in str(path):
         raise ConfigError(f"config path {str(path)!r} contains a NUL character")
-    if path.is_dir():
-        raise ConfigError(f"{path}: is a directory, not a YAML config file")
-    if not path.is_file():
-        raise ConfigError(f"{path}: not a regular file" if path.exists() else f"config file not found: {path}")
-    try:
-        data = path.read_bytes()
-        text = data.decode("utf-8")
-    except OSError as error:
-        raise ConfigError(f"{path}: cannot read the config ({error.strerror})") from None
-    except UnicodeDecodeError as error:
-        line = data.count(b"\n", 0, error.start) + 1
-        raise ConfigError(f"{path}: not UTF-8 text (byte 0x{data[error.start]:02x} at line {line})") from None
+    text = read_utf8(path, ConfigError, "YAML config file")
     try:
         return yaml.load(text, Loader=_BoundedLoader)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as error:

@@ -31,3 +31,22 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> Path:
     return atomic_write(path, lambda tmp: tmp.write_bytes(data))
+
+
+def read_utf8(path: Path, error: type[Exception], what: str) -> str:
+    """The UTF-8 text of ``path`` (a ``what``: "text file", "YAML config file"); every problem raises ``error``
+    naming the file, and for an undecodable byte its line and column."""
+    if path.is_dir():
+        raise error(f"{path}: is a directory, not a {what}")
+    if not path.is_file():
+        raise error(f"{path}: not a regular file" if path.exists() else f"{what} not found: {path}")
+    try:
+        data = path.read_bytes()
+        return data.decode("utf-8")
+    except OSError as problem:
+        raise error(f"{path}: cannot read ({problem.strerror})") from None
+    except UnicodeDecodeError as problem:
+        line = data.count(b"\n", 0, problem.start) + 1
+        column = problem.start - data.rfind(b"\n", 0, problem.start)
+        raise error(f"{path}: not UTF-8 text (byte 0x{data[problem.start]:02x} at line {line}, column {column}); "
+                    "convert it to UTF-8") from None

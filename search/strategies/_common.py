@@ -72,8 +72,9 @@ def next_unmet(run: StrategyRun, mask: KeepMask) -> float | None:
     return min(unmet) if unmet else None
 
 
-def first_feasible(run: StrategyRun, path: Sequence[KeepMask], why: str) -> Results:
-    """For each target, the first mask of a removal path that meets it, evaluated (so it is recorded)."""
+def first_feasible(run: StrategyRun, path: Sequence[KeepMask], why: str, finish=None) -> Results:
+    """For each target, the first mask of a removal path that meets it, evaluated (so it is recorded);
+    ``finish(mask, target)``, when given, turns it into the result (e.g. a refill of unused budget)."""
     results: Results = {}
     for target in targets(run):
         mask = next((m for m in path if run.feasible(m, target)), None)
@@ -81,6 +82,7 @@ def first_feasible(run: StrategyRun, path: Sequence[KeepMask], why: str) -> Resu
             run.note(f"{run.strategy}: no mask for target {target:g} ({why})")
         else:
             run.evaluate(mask, target)
+            mask = finish(mask, target) if finish else mask
         results[target] = mask
     return results
 

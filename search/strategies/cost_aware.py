@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from surgery.mask import KeepMask, sublayer_name
 
-from ._common import Results, argmin, check_int, next_unmet, targets
+from ._common import Results, argmin, check_int, first_feasible, next_unmet
 from .base import Strategy, register
 from .greedy import GreedyRemoval
 
@@ -57,16 +57,7 @@ def refill_bound(ctx) -> int:
 
 def results_with_refill(run, path: list[KeepMask], why: str, stage_sequences: int = 0) -> Results:
     """For each target, the first path mask meeting it, refilled; recorded under the target."""
-    results: Results = {}
-    for target in targets(run):
-        mask = next((m for m in path if run.feasible(m, target)), None)
-        if mask is None:
-            run.note(f"{run.strategy}: no mask for target {target:g} ({why})")
-        else:
-            run.evaluate(mask, target)
-            mask = refill(run, mask, target, stage_sequences)
-        results[target] = mask
-    return results
+    return first_feasible(run, path, why, finish=lambda mask, target: refill(run, mask, target, stage_sequences))
 
 
 @register("greedy_per_cost")
