@@ -66,8 +66,6 @@ class GreedyPerCost(GreedyRemoval):
 
     selection_only = False  # ranked by damage per cost saved, not by the objective alone: racing does not apply
 
-    selection_only = False  # its own staged selection ranks by damage per cost, not by the raw objective
-
     def __init__(self, *, exclude_front: float = 0.0, kinds: str = "both", stage_sequences: int = 0,
                  stage_keep: int = 4):
         super().__init__(exclude_front=exclude_front, kinds=kinds)
