@@ -131,3 +131,25 @@ def test_export_matches_masked_model(study_dir, tmp_path, capsys):
     assert study_main(["export", str(study_dir), "--max-params", "200000", "--out", str(out)]) == 2
     config = json.loads((out / "config.json").read_text())
     assert config["num_hidden_layers"] >= 1
+
+
+def test_extra_heldout_sets_and_the_seed_versus_own_table(tmp_path):
+    """An extra held-out set is scored on every strategy result and the dense model, and the summary compares the
+    best seed method with the best own strategy on each set."""
+    train = MODEL.parents[1] / "text" / "tinystories_train_head.txt"
+    extra = {"stories_train": {"files": [str(train)], "num_sequences": 4, "seq_len": 32, "seed": 2}}
+    out = run_study(tmp_path, strategies=[{"name": "sleb"}, {"name": "greedy_per_cost"}],
+                    budget={"metric": "params", "targets": [0.3]}, extra_heldout=extra)
+    data = read_study(out)
+    column = "heldout_ppl_stories_train"
+    scored = data.extra_heldout[column]
+    results = {m for r in data.records.values() for m in r["results"].values()}
+    assert set(scored) == results | {data.dense_mask}
+    assert all(math.isfinite(p) and p > 1 for p in scored.values())
+    trials = pd.read_csv(out / "trials.csv")
+    assert column in trials.columns and trials[column].notna().sum() >= len(results)
+    summary = (out / "summary.md").read_text(encoding="utf-8")
+    assert "Seed methods vs the project's own search" in summary
+    seed, own = data.records["sleb"]["results"]["0.3"], data.records["greedy_per_cost"]["results"]["0.3"]
+    change = f"{scored[own] / scored[seed] - 1:+.1%}"
+    assert f"| 0.3 | {column} | sleb |" in summary and change in summary
