@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from surgery.errors import UserError
-from surgery.files import atomic_write_text
+from surgery.files import atomic_write_text, pid_alive
 
 LOCK_INFO = ".lock"
 CONFIG_COPY = "config.yaml"
@@ -152,20 +152,11 @@ def remove_stale_temporaries(directory: Path) -> list[Path]:
     removed = []
     for path in directory.glob(".*.tmp*"):
         match = _TEMPORARY.match(path.name)
-        if match and path.is_file() and not _alive(int(match.group(1))):
+        if match and path.is_file() and not pid_alive(int(match.group(1))):
             path.unlink(missing_ok=True)
             removed.append(path)
     return removed
 
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except OSError:
-        return True
-    return True
 
 
 # fingerprint -----------------------------------------------------------------------------------------------

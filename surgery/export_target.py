@@ -17,6 +17,7 @@ import tempfile
 from pathlib import Path
 
 from .errors import UserError
+from .files import pid_alive
 
 MARKER = "depthsearch-export.json"
 _LEFTOVER = re.compile(r"\.(tmp|old)-(\d+)-")
@@ -109,15 +110,6 @@ def install(staging: Path, out_dir: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True  # this process (another export in flight) or another live process
-
 
 def clean_leftovers(out_dir: Path) -> list[Path]:
     """Remove staging directories of dead exports to ``out_dir``; put a set-aside export back if the target is
@@ -127,7 +119,7 @@ def clean_leftovers(out_dir: Path) -> list[Path]:
         return removed
     for path in sorted(out_dir.parent.glob(f".{glob_escape(out_dir.name)}.*-*")):
         match = _LEFTOVER.match(path.name[len(out_dir.name) + 1:])
-        if not match or not path.is_dir() or path.is_symlink() or _alive(int(match.group(2))):
+        if not match or not path.is_dir() or path.is_symlink() or pid_alive(int(match.group(2))):
             continue
         if match.group(1) == "old" and not out_dir.exists():
             path.rename(out_dir)

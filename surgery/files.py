@@ -50,3 +50,14 @@ def read_utf8(path: Path, error: type[Exception], what: str) -> str:
         column = problem.start - data.rfind(b"\n", 0, problem.start)
         raise error(f"{path}: not UTF-8 text (byte 0x{data[problem.start]:02x} at line {line}, column {column}); "
                     "convert it to UTF-8") from None
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this id exists (a process we may not signal counts as alive)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True
+    return True

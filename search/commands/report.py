@@ -247,8 +247,13 @@ def comparison_frame(data: StudyData, results: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def _set_name(column: str) -> str:
+    """The ``extra_heldout`` name of a perplexity column ("" for the primary ``heldout_ppl``)."""
+    return column.removeprefix("heldout_ppl").removeprefix("_")
+
+
 def _dense_heldout_text(data: StudyData) -> str:
-    parts = [f"{'' if c == 'heldout_ppl' else c[len('heldout_ppl_'):] + ' '}{'-' if v is None else f'{v:.4g}'}"
+    parts = [f"{_set_name(c) + ' ' if _set_name(c) else ''}{'-' if v is None else f'{v:.4g}'}"
              for c, v in data.heldout_columns(data.dense_mask).items()]
     return ", ".join(parts)
 
@@ -265,7 +270,7 @@ def summary_markdown(data: StudyData, results: pd.DataFrame, front: pd.DataFrame
         table = pd.DataFrame({"strategy": group["strategy"], "mask": group["mask"], metric: group[metric],
                               "objective": group["objective"], "gap vs exhaustive": [_gap_text(r) for r in group.itertuples()],
                               "held-out ppl": group["heldout_ppl"],
-                              **{f"held-out ppl {c[len('heldout_ppl_'):]}": group[c] for c in data.extra_heldout}})
+                              **{f"held-out ppl {_set_name(c)}": group[c] for c in data.extra_heldout}})
         lines += [f"## Budget: {target:.0%} of {metric} removed ({metric} <= {limit:g})", "", _md_table(table), ""]
     comparison = comparison_frame(data, results)
     if not comparison.empty:
