@@ -36,6 +36,8 @@ class Parser(argparse.ArgumentParser):
     """An argument parser whose errors are one line (flag and value) and exit code 2."""
 
     def error(self, message: str):
+        if message.endswith("expected one argument"):  # a value that starts with "-" reads as a flag
+            message += ' (a value that starts with "-", such as a mask "--,AM", is written --flag=value)'
         self.exit(2, f"error: {self.prog}: {message} (see --help)\n")
 
 

@@ -188,7 +188,8 @@ def model_card(mask: KeepMask, source: str, counts: dict, metrics: dict | None, 
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="python -m surgery.export", description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", required=True, help="local model directory, .gguf file or hub id")
-    parser.add_argument("--mask", required=True, help='keep-mask, one item per layer, e.g. "AM,A-,-M,--"')
+    parser.add_argument("--mask", required=True,
+                        help='keep-mask, one item per layer, e.g. "AM,A-,-M,--" (write --mask=--,AM,... when it starts with "-")')
     parser.add_argument("--out", required=True, help="export directory (must be absent or empty unless --force)")
     parser.add_argument("--dtype", default="float32", help="float32 (default), bfloat16 or float16")
     parser.add_argument("--force", action="store_true", help="replace a previous export at --out")

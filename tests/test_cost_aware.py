@@ -74,6 +74,16 @@ def test_learned_init_study_starts_from_the_best_known_mask(tmp_path, scored):
     _, _, greedy = run_strategy(ctx, "greedy_per_cost")
     strategy, run, found = run_strategy(ctx, "learned", init="study", steps=2, batch=2, candidates=2, samples=8,
                                         progress=False)
-    assert any(f"gates start from {greedy[0.3]}" in note for note in run.notes)
+    assert f"learned target 0.3: starts from {greedy[0.3]}, found by greedy_per_cost" in run.notes
     assert scorer.score(found[0.3]) <= scorer.score(greedy[0.3]) + 1e-9  # the start mask is among the roundings
+    assert costs.feasible(found[0.3], 0.3)
+
+
+def test_evolutionary_init_study_starts_from_the_best_known_mask(tmp_path, scored):
+    scorer, costs = scored
+    ctx = make_context(tmp_path, scorer, costs, (0.3,))
+    _, _, greedy = run_strategy(ctx, "greedy_per_cost")
+    _, run, found = run_strategy(ctx, "evolutionary", init="study", generations=2, offspring=3, seed=0)
+    assert f"evolutionary target 0.3: starts from {greedy[0.3]}, found by greedy_per_cost" in run.notes
+    assert scorer.score(found[0.3]) <= scorer.score(greedy[0.3]) + 1e-9  # elitist: never worse than its start
     assert costs.feasible(found[0.3], 0.3)

@@ -206,6 +206,8 @@ def test_surgery_export_refuses_the_source_model_and_foreign_code(tmp_path, caps
             tmp_path)
     refused(capsys, export_main, ["--model", str(model), "--out", str(tmp_path / "o"), "--mask", "AM,XY"],
             "bad mask item 'XY' at layer 1", tmp_path)
+    refused(capsys, export_main, ["--model", str(model), "--out", str(tmp_path / "o"), "--mask", "--,AM,AM,AM,AM"],
+            "a mask \"--,AM\", is written --flag=value", tmp_path)
     assert not (tmp_path / PWNED).exists()
 
 

@@ -153,3 +153,20 @@ def test_extra_heldout_sets_and_the_seed_versus_own_table(tmp_path):
     seed, own = data.records["sleb"]["results"]["0.3"], data.records["greedy_per_cost"]["results"]["0.3"]
     change = f"{scored[own] / scored[seed] - 1:+.1%}"
     assert f"| 0.3 | {column} | sleb |" in summary and change in summary
+
+
+def test_comparison_says_when_the_best_own_mask_is_the_seed_mask():
+    """A warm-started own strategy that returns a seed method's mask unchanged is a tie, and the table says so."""
+    from types import SimpleNamespace
+
+    from search.commands.report import comparison_frame
+
+    data = SimpleNamespace(records={tag: {"name": tag} for tag in ("sleb", "evolutionary", "greedy_per_cost")},
+                           extra_heldout={})
+    results = pd.DataFrame({"target": [0.25, 0.25, 0.25, 0.5, 0.5],
+                            "strategy": ["sleb", "evolutionary", "greedy_per_cost", "sleb", "greedy_per_cost"],
+                            "mask": ["AM,--", "AM,--", "A-,AM", "--,A-", "-M,A-"],
+                            "heldout_ppl": [10.0, 10.0, 11.0, 20.0, 18.0]})
+    table = comparison_frame(data, results)
+    assert table["change"].tolist() == ["+0.0% (same mask)", "-10.0%"]
+    assert table["best own"].tolist() == ["evolutionary", "greedy_per_cost"]

@@ -225,16 +225,17 @@ def _is_seed(data: StudyData, tag: str) -> bool:
 
 
 def _best(group: pd.DataFrame, column: str):
-    """(value, the strategies whose result is that mask) of the lowest ``column`` in ``group``."""
+    """(value, the strategies whose result is that mask, the mask) of the lowest ``column`` in ``group``."""
     group = group.dropna(subset=[column])
     if group.empty:
         return None
     best = group.sort_values(column, kind="stable").iloc[0]
-    return best[column], "+".join(group.loc[group["mask"] == best["mask"], "strategy"])
+    return best[column], "+".join(group.loc[group["mask"] == best["mask"], "strategy"]), best["mask"]
 
 
 def comparison_frame(data: StudyData, results: pd.DataFrame) -> pd.DataFrame:
-    """Per target and held-out set: the best seed method against the best of the project's own strategies."""
+    """Per target and held-out set: the best seed method against the best of the project's own strategies
+    ("same mask" where a warm-started own strategy returned the seed's mask unchanged)."""
     seeds = results["strategy"].map(lambda tag: _is_seed(data, tag))
     rows = []
     for target, group in results.groupby("target", sort=True):
@@ -243,7 +244,8 @@ def comparison_frame(data: StudyData, results: pd.DataFrame) -> pd.DataFrame:
             if seed is None or own is None:
                 continue
             rows.append({"target": target, "held-out set": column, "best seed": seed[1], "seed ppl": seed[0],
-                         "best own": own[1], "own ppl": own[0], "change": f"{own[0] / seed[0] - 1:+.1%}"})
+                         "best own": own[1], "own ppl": own[0],
+                         "change": f"{own[0] / seed[0] - 1:+.1%}" + (" (same mask)" if own[2] == seed[2] else "")})
     return pd.DataFrame(rows)
 
 

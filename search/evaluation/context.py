@@ -149,6 +149,11 @@ class StrategyRun:
         masks = [(KeepMask.parse(text), values[text]) for text in ordered]
         return [(m, v) for m, v in masks if m.num_layers == self.num_layers]
 
+    def found_by(self, mask: KeepMask) -> list[str]:
+        """The other strategies of the study that recorded ``mask`` (where a warm start comes from)."""
+        text = str(mask)
+        return sorted(tag for tag, masks in self.ctx.recorded.items() if tag != self.strategy and text in masks)
+
     def note(self, message: str) -> None:
         self.notes.append(message)
 

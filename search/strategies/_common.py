@@ -102,6 +102,12 @@ def known_feasible(run: StrategyRun, target: float, limit: int) -> list[KeepMask
     return [m for m, _ in run.evaluated() if run.feasible(m, target)][:limit]
 
 
+def note_warm_start(run: StrategyRun, target: float, mask: KeepMask) -> None:
+    """Say which strategies found the mask a warm start begins from: their wall time is part of its cost."""
+    origin = ", ".join(run.found_by(mask)) or "no other strategy"
+    run.note(f"{run.strategy} target {target:g}: starts from {mask}, found by {origin}")
+
+
 def argmin(values: Sequence[float]) -> int:
     """Index of the smallest value; ties go to the earliest (deterministic)."""
     return min(range(len(values)), key=lambda i: (values[i], i))

@@ -15,7 +15,7 @@ import random
 
 from surgery.mask import KeepMask
 
-from ._common import Results, argmin, check_choice, check_int, known_feasible, targets
+from ._common import Results, argmin, check_choice, check_int, known_feasible, note_warm_start, targets
 from .base import Strategy, register
 
 ATTEMPTS_PER_CHILD = 20
@@ -85,6 +85,7 @@ class Evolutionary(Strategy):
         if self.init == "study":
             known = known_feasible(run, target, 1)
             if known:
+                note_warm_start(run, target, known[0])
                 return known[0]
         candidates = [m for m in (self._random_mask(run, target, rng) for _ in range(self.offspring)) if m]
         if not candidates:

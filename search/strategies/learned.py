@@ -54,7 +54,8 @@ from search.evaluation.context import Budget, StrategyRun
 from surgery.gates import SublayerGates, frozen
 from surgery.mask import KeepMask
 
-from ._common import check_bool, check_choice, check_fraction, check_int, check_positive, known_feasible
+from ._common import (check_bool, check_choice, check_fraction, check_int, check_positive, known_feasible,
+                      note_warm_start)
 from .base import Strategy, register
 
 STRETCH = (-0.1, 1.1)
@@ -233,7 +234,7 @@ class LearnedMasks(Strategy):
             return None
         known = known_feasible(run, target, 1)
         if known:
-            run.note(f"learned target {target:g}: gates start from {known[0]}")
+            note_warm_start(run, target, known[0])
         return known[0] if known else None
 
     def train(self, run: StrategyRun, target: float, *, seed: int, start: KeepMask | None = None) -> Trained:
