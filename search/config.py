@@ -294,9 +294,11 @@ class HeldoutSet:
 
 def heldout_sets(config: StudyConfig) -> list[HeldoutSet]:
     """The held-out text sets: ``heldout`` first (the report's front uses it), then ``extra_heldout`` by name."""
-    extra = [HeldoutSet(f"extra_heldout.{name}", f"heldout_ppl_{name}", section)
+    from search.record import heldout_column  # the report's column names are part of the storage layout
+
+    extra = [HeldoutSet(f"extra_heldout.{name}", heldout_column(name), section)
              for name, section in config.extra_heldout.items()]
-    return [HeldoutSet("heldout", "heldout_ppl", config.heldout), *extra]
+    return [HeldoutSet("heldout", heldout_column(None), config.heldout), *extra]
 
 
 def _check_disjoint(config: StudyConfig) -> list[str]:

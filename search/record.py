@@ -84,12 +84,17 @@ def completed(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
 
 def heldout_attr(column: str) -> str:
     """Study attr caching one held-out set's perplexities: ``heldout`` for the primary set."""
-    return HELDOUT if column == PRIMARY_COLUMN else HELDOUT_PREFIX + column[len(EXTRA_COLUMN_PREFIX):]
+    return HELDOUT if column == PRIMARY_COLUMN else HELDOUT_PREFIX + heldout_set_name(column)
 
 
 def heldout_column(name: str | None) -> str:
     """Report column of the held-out set ``name`` (None: the primary set)."""
     return PRIMARY_COLUMN if name is None else EXTRA_COLUMN_PREFIX + name
+
+
+def heldout_set_name(column: str) -> str:
+    """The ``extra_heldout`` name of a report column ("" for the primary set): the inverse of :func:`heldout_column`."""
+    return "" if column == PRIMARY_COLUMN else column[len(EXTRA_COLUMN_PREFIX):]
 
 
 # one evaluated mask ----------------------------------------------------------------------------------------

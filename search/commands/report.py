@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from search.record import MAIN_STUDY, PRIMARY_COLUMN, StudyRecord
+from search.record import MAIN_STUDY, PRIMARY_COLUMN, StudyRecord, heldout_set_name
 from surgery.files import atomic_write, atomic_write_text
 from surgery.mask import KeepMask, sublayer_name
 
@@ -239,7 +239,7 @@ def comparison_frame(data: StudyData, results: pd.DataFrame) -> pd.DataFrame:
     seeds = results["strategy"].map(lambda tag: _is_seed(data, tag))
     rows = []
     for target, group in results.groupby("target", sort=True):
-        for column in ["heldout_ppl", *data.extra_heldout]:
+        for column in [PRIMARY_COLUMN, *data.extra_heldout]:
             seed, own = _best(group[seeds[group.index]], column), _best(group[~seeds[group.index]], column)
             if seed is None or own is None:
                 continue
@@ -249,13 +249,8 @@ def comparison_frame(data: StudyData, results: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def _set_name(column: str) -> str:
-    """The ``extra_heldout`` name of a perplexity column ("" for the primary ``heldout_ppl``)."""
-    return column.removeprefix("heldout_ppl").removeprefix("_")
-
-
 def _dense_heldout_text(data: StudyData) -> str:
-    parts = [f"{_set_name(c) + ' ' if _set_name(c) else ''}{'-' if v is None else f'{v:.4g}'}"
+    parts = [f"{heldout_set_name(c) + ' ' if heldout_set_name(c) else ''}{'-' if v is None else f'{v:.4g}'}"
              for c, v in data.heldout_columns(data.dense_mask).items()]
     return ", ".join(parts)
 
@@ -272,7 +267,7 @@ def summary_markdown(data: StudyData, results: pd.DataFrame, front: pd.DataFrame
         table = pd.DataFrame({"strategy": group["strategy"], "mask": group["mask"], metric: group[metric],
                               "objective": group["objective"], "gap vs exhaustive": [_gap_text(r) for r in group.itertuples()],
                               "held-out ppl": group["heldout_ppl"],
-                              **{f"held-out ppl {_set_name(c)}": group[c] for c in data.extra_heldout}})
+                              **{f"held-out ppl {heldout_set_name(c)}": group[c] for c in data.extra_heldout}})
         lines += [f"## Budget: {target:.0%} of {metric} removed ({metric} <= {limit:g})", "", _md_table(table), ""]
     comparison = comparison_frame(data, results)
     if not comparison.empty:

@@ -38,7 +38,7 @@ from search.studydir import CONFIG_COPY, output_dir_problem
 from search import studydir
 from search.evaluation.context import SearchContext
 from search.commands.report import write_report
-from search.record import StudyRecord, open_record, strategy_problems
+from search.record import PRIMARY_COLUMN, StudyRecord, open_record, strategy_problems
 from surgery.files import atomic_write_text
 from surgery.mask import KeepMask
 
@@ -278,10 +278,10 @@ def _heldout_masks(record: StudyRecord, results: list[dict], num_layers: int, *,
 
 def heldout_scores(record: StudyRecord, config: StudyConfig, model, prepared: Prepared, results, *, progress=True):
     """Held-out perplexity on every held-out set of every strategy result, the front and the dense model (cached)."""
-    batches = {"heldout_ppl": prepared.heldout, **prepared.extra_heldout}
+    batches = {PRIMARY_COLUMN: prepared.heldout, **prepared.extra_heldout}
     layers = record.meta()["num_layers"]
     for held in heldout_sets(config):  # extra sets: strategy results and the dense model only
-        masks = _heldout_masks(record, results, layers, front=held.column == "heldout_ppl")
+        masks = _heldout_masks(record, results, layers, front=held.column == PRIMARY_COLUMN)
         _score_heldout_set(record, config, model, held, batches[held.column], masks, progress)
 
 
