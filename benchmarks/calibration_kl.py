@@ -3,10 +3,11 @@
     python benchmarks/calibration_kl.py runs/smollm2-135m --sequences 128 --seed 7 [--targets 0.25 0.375]
 
 Reads the study's config copy and its strategy results, loads the model as the study did (dtype, threads), draws
-``--sequences`` windows of the study's ``calibration.seq_len`` tokens from the same calibration text with another
-``--seed``, and scores every distinct result mask with the study's objective on them. Prints one markdown table
-per target: the strategies that found each mask, the study's calibration value, the value on the larger sample,
-and the study's held-out perplexities, so the rankings can be compared side by side.
+``--sequences`` windows of the study's ``calibration.seq_len`` tokens from the same calibration text (split between
+its parts as the study's are) with another ``--seed``, and scores every distinct result mask with the study's
+objective on them. Prints one markdown table per target: the strategies that found each mask, the study's
+calibration value, the value on the larger sample, and the study's held-out perplexities, so the rankings can be
+compared side by side.
 """
 
 from __future__ import annotations
@@ -30,6 +31,18 @@ def result_masks(data, targets: list[float] | None) -> dict[float, dict[str, lis
     return found
 
 
+def larger_sample(config, sequences: int, seed: int) -> list:
+    """The study's calibration parts (BatchSpecs) with ``sequences`` windows in all, split between the parts as
+    the study splits its own, drawn with ``seed``."""
+    from search.config import calibration_sections, text_source
+
+    sections = calibration_sections(config)
+    total = sum(section.num_sequences for _, section in sections)
+    counts = [max(1, round(sequences * section.num_sequences / total)) for _, section in sections]
+    return [text_source(config, section.model_copy(update={"num_sequences": count, "seed": seed}))
+            for (_, section), count in zip(sections, counts)]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("study_dir", type=Path)
@@ -40,10 +53,10 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from objectives.calibration import token_batch
+    from objectives.calibration import mixed_batch
     from objectives.scorer import MaskScorer
     from search.commands.report import read_study
-    from search.config import load_config, model_source, text_source
+    from search.config import load_config, model_source
     from surgery.cli import load_checked
     from surgery.mask import KeepMask
 
@@ -52,14 +65,14 @@ def main(argv: list[str] | None = None) -> int:
     if config.model.threads:
         torch.set_num_threads(config.model.threads)
     model, tokenizer = load_checked(model_source(config)[0], dtype=config.model.dtype, device=config.model.device)
-    spec = text_source(config, config.calibration.model_copy(update={"num_sequences": args.sequences,
-                                                                       "seed": args.seed}))
-    scorer = MaskScorer(model, token_batch(spec, tokenizer), config.objective,
+    sample = larger_sample(config, args.sequences, args.seed)
+    sequences = sum(spec.num_sequences for spec in sample)
+    scorer = MaskScorer(model, mixed_batch(sample, tokenizer), config.objective,
                         batch_size=config.reference.batch_size, topk=config.reference.topk)
     extra = list(data.extra_heldout)
     for target, masks in sorted(result_masks(data, args.targets).items()):
-        print(f"\n## {target:g} removed: {config.objective} on {args.sequences} x {config.calibration.seq_len} tokens\n")
-        print(f"| strategies | study {config.objective} | {config.objective} x{args.sequences} | held-out ppl | "
+        print(f"\n## {target:g} removed: {config.objective} on {sequences} x {config.calibration.seq_len} tokens\n")
+        print(f"| strategies | study {config.objective} | {config.objective} x{sequences} | held-out ppl | "
               + " | ".join(extra) + " | s |")
         print("|---" * (5 + len(extra)) + "|")
         for mask, tags in masks.items():

@@ -131,3 +131,19 @@ def token_batch(spec: BatchSpec, tokenizer) -> torch.Tensor:
     generator = torch.Generator().manual_seed(spec.seed)
     chosen = torch.randperm(windows, generator=generator)[: spec.num_sequences].sort().values
     return torch.stack([stream[i * spec.seq_len : (i + 1) * spec.seq_len] for i in chosen.tolist()])
+
+
+def interleave(batches: list[torch.Tensor]) -> torch.Tensor:
+    """Rows of several ``[n_i, seq_len]`` batches, each part's rows spread evenly (equal parts: a, b, a, b, ...),
+    so any first k rows, such as a staged selection's few sequences, hold every part in proportion; one batch
+    comes back as it is."""
+    if len(batches) == 1:
+        return batches[0]
+    order = sorted(((row / len(batch), part, row) for part, batch in enumerate(batches) for row in range(len(batch))))
+    return torch.stack([batches[part][row] for _, part, row in order])
+
+
+def mixed_batch(specs: list[BatchSpec], tokenizer) -> torch.Tensor:
+    """One calibration batch from several text parts (e.g. two domains): each part's :func:`token_batch`,
+    interleaved."""
+    return interleave([token_batch(spec, tokenizer) for spec in specs])

@@ -112,6 +112,8 @@ class EngineSection(_Section):
 class StudyConfig(_Section):
     model: ModelSection
     calibration: TextSection
+    extra_calibration: dict[str, TextSection] = Field(default_factory=dict)  # more calibration text (other domains),
+    # its sequences interleaved with calibration's into one batch
     heldout: TextSection
     extra_heldout: dict[str, TextSection] = Field(default_factory=dict)  # more held-out text, scored like heldout
     objective: Literal["kl", "js", "ppl"] = "kl"
@@ -301,24 +303,48 @@ def heldout_sets(config: StudyConfig) -> list[HeldoutSet]:
     return [HeldoutSet("heldout", heldout_column(None), config.heldout), *extra]
 
 
+def calibration_sections(config: StudyConfig) -> list[tuple[str, TextSection]]:
+    """The calibration text parts with their config keys: ``calibration``, then ``extra_calibration.<name>``."""
+    return [("calibration", config.calibration),
+            *((f"extra_calibration.{name}", section) for name, section in config.extra_calibration.items())]
+
+
+def calibration_specs(config: StudyConfig) -> list:
+    """Each calibration part as a ``BatchSpec`` (see :func:`objectives.calibration.mixed_batch`)."""
+    return [text_source(config, section) for _, section in calibration_sections(config)]
+
+
+def _overlaps(cal, held) -> bool:
+    same_files = bool(cal.files) and set(cal.files) & set(held.files)
+    same_data = cal.dataset and (cal.dataset, cal.dataset_config, cal.split) == (held.dataset, held.dataset_config, held.split)
+    return bool(same_files or same_data) and cal.start < held.end and held.start < cal.end
+
+
 def _check_disjoint(config: StudyConfig) -> list[str]:
-    """Held-out text must not overlap the calibration text (same source and overlapping slices)."""
-    cal = text_source(config, config.calibration).source
+    """Held-out text must not overlap any calibration text (same source and overlapping slices)."""
     problems = []
-    for held_set in heldout_sets(config):
-        held = text_source(config, held_set.section).source
-        same_files = bool(cal.files) and set(cal.files) & set(held.files)
-        same_data = cal.dataset and (cal.dataset, cal.dataset_config, cal.split) == (held.dataset, held.dataset_config, held.split)
-        if (same_files or same_data) and cal.start < held.end and held.start < cal.end:
-            problems.append(
-                f"{held_set.key}: held-out text {held.describe()} overlaps calibration text {cal.describe()}; "
-                "use disjoint slices (e.g. calibration end: 0.8, heldout start: 0.8) or other files")
+    for cal_key, cal_section in calibration_sections(config):
+        cal = text_source(config, cal_section).source
+        for held_set in heldout_sets(config):
+            held = text_source(config, held_set.section).source
+            if _overlaps(cal, held):
+                problems.append(
+                    f"{held_set.key}: held-out text {held.describe()} overlaps {cal_key} text {cal.describe()}; "
+                    "use disjoint slices (e.g. calibration end: 0.8, heldout start: 0.8) or other files")
     return problems
 
 
-def _check_heldout_names(config: StudyConfig) -> list[str]:
-    return [f"extra_heldout.{name}: names are letters, digits and underscores (got {name!r})"
-            for name in config.extra_heldout if not re.fullmatch(r"[A-Za-z0-9_]+", name)]
+def _check_extra_sections(config: StudyConfig) -> list[str]:
+    """The ``extra_heldout`` and ``extra_calibration`` names, and every calibration part's ``seq_len``."""
+    named = [("extra_heldout", name) for name in config.extra_heldout]
+    named += [("extra_calibration", name) for name in config.extra_calibration]
+    problems = [f"{key}.{name}: names are letters, digits and underscores (got {name!r})"
+                for key, name in named if not re.fullmatch(r"[A-Za-z0-9_]+", name)]
+    length = config.calibration.seq_len
+    problems += [f"{key}.seq_len: every calibration part has calibration.seq_len ({length}) tokens per sequence "
+                 f"(got {section.seq_len})"
+                 for key, section in calibration_sections(config)[1:] if section.seq_len != length]
+    return problems
 
 
 def _check_strategies(config: StudyConfig) -> list[str]:
@@ -391,7 +417,8 @@ def _check_sections(config: StudyConfig) -> list[str]:
 
 def config_problems(config: StudyConfig) -> list[str]:
     """Every problem found without loading weights or touching the disk beyond reading."""
-    text = [*_check_text(config, "calibration", config.calibration), *_check_heldout_names(config)]
+    text = [problem for key, section in calibration_sections(config) for problem in _check_text(config, key, section)]
+    text += _check_extra_sections(config)
     text += [problem for held in heldout_sets(config) for problem in _check_text(config, held.key, held.section)]
     return [
         *_check_model(config),

@@ -219,7 +219,9 @@ def fingerprint(config, device_type: str) -> dict:
     """Everything a study's stored numbers depend on (a study resumed with another of these would mix them)."""
     from search.config import model_source, text_source
 
+    extra = {name: text_identity(text_source(config, section)) for name, section in config.extra_calibration.items()}
     return {
+        **({"extra_calibration": extra} if extra else {}),  # absent without it: older studies keep resuming
         "version": FINGERPRINT_VERSION,
         "model": model_identity(*model_source(config)),
         "dtype": config.model.dtype,

@@ -83,9 +83,9 @@ def test_confirm_heals_benchmarks_exports_and_resumes(tmp_path):
     settings = C.confirm_settings(config)
     good = C.Candidate("AM,AM,A-,AM,-M", "manual", 0.12, 0.0, 0.0, "test")
     bad = C.Candidate("AM,AM", "manual", 0.5, 0.0, 0.0, "wrong layer count")
-    source = C.corpus_source(config, settings.heal.corpus)
+    sources = C.corpus_sources(config, settings.heal.corpus)
     study_dir = tmp_path / "study"
-    assert C.confirm(study_dir, config, settings, [good, bad], source, progress=False) == 1  # one failed
+    assert C.confirm(study_dir, config, settings, [good, bad], sources, progress=False) == 1  # one failed
     out = study_dir / "confirm"
     frame = pd.read_csv(out / "confirm.csv")
     ok = frame[frame["status"] == "ok"].set_index("task")
@@ -99,7 +99,7 @@ def test_confirm_heals_benchmarks_exports_and_resumes(tmp_path):
     assert (out / good.name / "healed" / "model.safetensors").is_file()
     assert "FAILED" in (out / "confirm.md").read_text() and (out / "confirm.png").stat().st_size > 0
     stamp = (out / good.name / "result.json").stat().st_mtime_ns
-    assert C.confirm(study_dir, config, settings, [good], source, progress=False) == 0
+    assert C.confirm(study_dir, config, settings, [good], sources, progress=False) == 0
     assert (out / good.name / "result.json").stat().st_mtime_ns == stamp  # finished candidate not redone
 
 

@@ -25,7 +25,8 @@ import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from search.config import (
-    ConfigError, StudyConfig, format_problems, load_config, model_source, resolve, text_source, validation_problems,
+    ConfigError, StudyConfig, calibration_specs, format_problems, load_config, model_source, resolve,
+    validation_problems,
 )
 from search.commands.heal import HealSettings
 from surgery.files import atomic_write, atomic_write_text
@@ -102,12 +103,13 @@ def confirm_settings(config: StudyConfig, source: Path | None = None) -> Confirm
         raise ConfigError(format_problems(source or config.source, problems)) from None
 
 
-def corpus_source(config: StudyConfig, section: CorpusSection | None):
-    """The healing TextSource: the corpus section (files relative to the config, else cwd) or calibration text."""
+def corpus_sources(config: StudyConfig, section: CorpusSection | None) -> list:
+    """The healing TextSources: the corpus section (files relative to the config, else cwd), or every
+    calibration part (``calibration`` and each ``extra_calibration``)."""
     from objectives.calibration import DataError, TextSource
 
     if section is None:
-        return text_source(config, config.calibration).source
+        return [spec.source for spec in calibration_specs(config)]
     files = []
     for name in section.files:
         tried = [Path(resolve(config, name)), Path(name)]
@@ -115,8 +117,8 @@ def corpus_source(config: StudyConfig, section: CorpusSection | None):
         if found is None:
             raise DataError(f"confirm.heal.corpus.files: {name!r} not found (tried {', '.join(map(str, tried))})")
         files.append(str(found.resolve()))
-    return TextSource(files=tuple(files), dataset=section.dataset, dataset_config=section.dataset_config,
-                      split=section.split, field=section.field, start=section.start, end=section.end)
+    return [TextSource(files=tuple(files), dataset=section.dataset, dataset_config=section.dataset_config,
+                       split=section.split, field=section.field, start=section.start, end=section.end)]
 
 
 # reading the study -----------------------------------------------------------------------------------------
@@ -361,18 +363,19 @@ def main(args: argparse.Namespace) -> int:
         raise ConfirmError(problem)
     front, size = study_front(study_dir)
     candidates = pick_candidates(front, size, top_k=settings.top_k, budgets=settings.budgets)
-    source = corpus_source(config, settings.heal.corpus)
+    sources = corpus_sources(config, settings.heal.corpus)
     meta = record.meta()
     _, trust = study_model(study_dir, config, meta, trust_remote_code=args.trust_remote_code)
     with StudyLock(study_dir, "python -m search.study confirm"):
-        return confirm(study_dir, config, settings, candidates, source, progress=not args.no_progress,
+        return confirm(study_dir, config, settings, candidates, sources, progress=not args.no_progress,
                        trust_remote_code=trust)
 
 
-def confirm(study_dir: Path, config: StudyConfig, settings: ConfirmSettings, candidates: list[Candidate], source,
-            *, progress: bool = True, trust_remote_code: bool | None = None) -> int:
+def confirm(study_dir: Path, config: StudyConfig, settings: ConfirmSettings, candidates: list[Candidate],
+            sources: list, *, progress: bool = True, trust_remote_code: bool | None = None) -> int:
     """Run every candidate (skipping finished ones); write the outputs; exit code 1 if any candidate failed.
     ``trust_remote_code``: None takes the config's setting (callers from the command line decide it)."""
+    import torch
     from tqdm.auto import tqdm
 
     from search.commands.heal import corpus_windows
@@ -382,7 +385,7 @@ def confirm(study_dir: Path, config: StudyConfig, settings: ConfirmSettings, can
     trust = config.model.trust_remote_code if trust_remote_code is None else trust_remote_code
     dense, tokenizer = load_checked(name, dtype=config.model.dtype, device=config.model.device,
                                     trust_remote_code=trust)
-    data = corpus_windows(source, tokenizer, settings.heal.seq_len)
+    data = torch.cat([corpus_windows(source, tokenizer, settings.heal.seq_len) for source in sources])
     out = study_dir / OUT_DIR
     out.mkdir(parents=True, exist_ok=True)
     ctx = {"dense": dense, "tokenizer": tokenizer, "settings": settings, "data": data, "source": name}

@@ -21,11 +21,12 @@ import yaml
 from tqdm.auto import tqdm
 
 from objectives.budgets import BUDGETS, BudgetError, CostTable
-from objectives.calibration import DataError, token_batch
+from objectives.calibration import DataError, interleave, token_batch
 from search.checks import absolute_storage, device_problem, positions_problems, storage_problems
 from search.config import (
     ConfigError,
     StudyConfig,
+    calibration_sections,
     config_problems,
     format_problems,
     heldout_sets,
@@ -111,16 +112,18 @@ def _budget_problems(config: StudyConfig, costs: dict[str, CostTable]) -> list[s
 def _text_problems(config: StudyConfig, tokenizer, prepared: Prepared) -> list[str]:
     problems = []
     batches = {}
-    for key, section in [("calibration", config.calibration), *((h.key, h.section) for h in heldout_sets(config))]:
+    calibration = calibration_sections(config)
+    for key, section in [*calibration, *((h.key, h.section) for h in heldout_sets(config))]:
         try:
             batches[key] = token_batch(text_source(config, section), tokenizer)
         except DataError as error:
             problems.append(f"{key}: {error}")
-    cal = prepared.calibration = batches.get("calibration")
+    keys = [key for key, _ in calibration]
+    cal = prepared.calibration = interleave([batches[k] for k in keys]) if set(keys) <= set(batches) else None
     prepared.heldout = batches.get("heldout")
     prepared.extra_heldout = {h.column: batches[h.key] for h in heldout_sets(config)[1:] if h.key in batches}
     for key, held in batches.items():
-        if key != "calibration" and cal is not None and cal.shape[1] == held.shape[1]:
+        if key not in keys and cal is not None and cal.shape[1] == held.shape[1]:
             same = int((held[:, None, :] == cal[None, :, :]).all(-1).any(-1).sum())
             if same:
                 problems.append(f"{key}: {same} of {len(held)} held-out sequences equal calibration sequences; use other text")
@@ -134,7 +137,7 @@ def _shape_problems(config: StudyConfig, model) -> list[str]:
     name = model_source(config)[0]
     if not len(get_path(model, family_for(model.config).layers)):
         return [f"model.name: model {name} has no decoder layers (num_hidden_layers: 0)"]
-    lengths = {"calibration.seq_len": config.calibration.seq_len}
+    lengths = {f"{key}.seq_len": section.seq_len for key, section in calibration_sections(config)}
     lengths.update({f"{h.key}.seq_len": h.section.seq_len for h in heldout_sets(config)})
     return positions_problems(model.config, lengths, f"model {name}")
 
@@ -189,7 +192,7 @@ def describe_plan(config: StudyConfig, prepared: Prepared | None) -> str:
     lines = [f"study {config.source}: valid", f"  model: {name} ({'local' if local else 'hub id, not loaded'})"]
     missing = device_problem("model.device", config.model.device)
     lines += [f"  device: {config.model.device}" + (" (not on this machine: runs elsewhere)" if missing else "")]
-    for key, section in [("calibration", config.calibration), *((h.key, h.section) for h in heldout_sets(config))]:
+    for key, section in [*calibration_sections(config), *((h.key, h.section) for h in heldout_sets(config))]:
         spec = text_source(config, section)
         lines.append(f"  {key}: {spec.source.describe()}, {spec.num_sequences} x {spec.seq_len} tokens, seed {spec.seed}")
     lines.append(f"  objective: {config.objective}; budget: {config.budget.metric}, targets removed {config.budget.targets}")
@@ -214,8 +217,9 @@ def save_config_copy(config: StudyConfig, out: Path) -> Path:
     data["model"]["name"] = str(Path(name).resolve()) if local else name
     for key in ("calibration", "heldout"):
         data[key]["files"] = list(text_source(config, getattr(config, key)).source.files)
-    for name, section in config.extra_heldout.items():
-        data["extra_heldout"][name]["files"] = list(text_source(config, section).source.files)
+    for key in ("extra_calibration", "extra_heldout"):
+        for name, section in getattr(config, key).items():
+            data[key][name]["files"] = list(text_source(config, section).source.files)
     return atomic_write_text(out / CONFIG_COPY, yaml.safe_dump(data, sort_keys=False))
 
 

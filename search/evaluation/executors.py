@@ -38,15 +38,15 @@ class ExecutorError(UserError):
 # worker side -------------------------------------------------------------------------------------------------
 def build_scorer(config: StudyConfig, *, device: str | None = None):
     """The study's MaskScorer: model, calibration batch, objective and reference exactly as ``run`` builds them."""
-    from objectives.calibration import token_batch
+    from objectives.calibration import mixed_batch
     from objectives.scorer import MaskScorer
-    from search.config import model_source, text_source
+    from search.config import calibration_specs, model_source
     from surgery.load import load_model
 
     name, _ = model_source(config)
     model, tokenizer = load_model(name, dtype=config.model.dtype, device=device or config.model.device,
                                   trust_remote_code=config.model.trust_remote_code)
-    ids = token_batch(text_source(config, config.calibration), tokenizer)
+    ids = mixed_batch(calibration_specs(config), tokenizer)
     torch.manual_seed(config.seed)
     return MaskScorer(model, ids, config.objective, batch_size=config.reference.batch_size,
                       topk=config.reference.topk)
