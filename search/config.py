@@ -323,13 +323,13 @@ def _overlaps(cal, held) -> bool:
 def _check_disjoint(config: StudyConfig) -> list[str]:
     """Held-out text must not overlap any calibration text (same source and overlapping slices)."""
     problems = []
+    held_sources = [(held_set.key, text_source(config, held_set.section).source) for held_set in heldout_sets(config)]
     for cal_key, cal_section in calibration_sections(config):
         cal = text_source(config, cal_section).source
-        for held_set in heldout_sets(config):
-            held = text_source(config, held_set.section).source
+        for held_key, held in held_sources:
             if _overlaps(cal, held):
                 problems.append(
-                    f"{held_set.key}: held-out text {held.describe()} overlaps {cal_key} text {cal.describe()}; "
+                    f"{held_key}: held-out text {held.describe()} overlaps {cal_key} text {cal.describe()}; "
                     "use disjoint slices (e.g. calibration end: 0.8, heldout start: 0.8) or other files")
     return problems
 
