@@ -9,6 +9,7 @@ from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from search.record import MAIN_STUDY
 from surgery.errors import UserError
 from surgery.files import read_utf8
 
@@ -121,6 +122,8 @@ class StudyConfig(_Section):
     budget: BudgetSection = Field(default_factory=BudgetSection)
     strategies: list[StrategyEntry]
     storage: str | None = None  # Optuna storage URL; default: sqlite file in the output directory
+    study_name: str = Field(MAIN_STUDY, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")  # the study's name in its
+    # storage: studies sharing one storage need different names
     executor: ExecutorSection = Field(default_factory=ExecutorSection)
     engine: EngineSection = Field(default_factory=EngineSection)
     confirm: dict[str, Any] = Field(default_factory=dict)  # validated by search.commands.confirm

@@ -70,14 +70,6 @@ def planned_mask(trial: optuna.trial.FrozenTrial, sublayers: int) -> KeepMask | 
     return mask_from_params({**trial.system_attrs.get("fixed_params", {}), **trial.params}, sublayers)
 
 
-def working_trial(mask: KeepMask, values: list[float], excess: float) -> optuna.trial.FrozenTrial:
-    """A finished working-study trial of ``mask`` scored elsewhere, with its budget constraint."""
-    trial = optuna.trial.create_trial(params=keep_params(mask), distributions=keep_distributions(len(mask.bits)),
-                                      values=values)
-    trial.set_constraint(BUDGET_CONSTRAINT, excess)
-    return trial
-
-
 def completed(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
     return study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
 
@@ -234,9 +226,9 @@ def storage_exists(url: str) -> bool:
     return True
 
 
-def open_record(url: str, *, create: bool = True) -> StudyRecord | None:
-    """The main study in ``url`` (created when ``create``; else None when absent, creating nothing); a storage
-    that cannot be reached or read is one :class:`StudyStorageError` naming it."""
+def open_record(url: str, *, create: bool = True, name: str = MAIN_STUDY) -> StudyRecord | None:
+    """The main study ``name`` in ``url`` (created when ``create``; else None when absent, creating nothing); a
+    storage that cannot be reached or read is one :class:`StudyStorageError` naming it."""
     from search.checks import shown_url
     from search.config import open_storage
 
@@ -244,7 +236,7 @@ def open_record(url: str, *, create: bool = True) -> StudyRecord | None:
     if not create and not storage_exists(url):
         return None
     try:
-        return StudyRecord(open_storage(url), create=create)
+        return StudyRecord(open_storage(url), create=create, name=name)
     except KeyError:
         return None
     except UserError:

@@ -263,16 +263,23 @@ def fingerprint_problems(stored: dict | None, current: dict, where: str) -> list
 
 
 # resuming --------------------------------------------------------------------------------------------------
-def check_resume(record, current: dict, where: Path, source) -> None:
+def check_resume(record, current: dict, where: Path, source, url: str) -> None:
     """Refuse to resume a study (a ``search.record.StudyRecord``, or None) made with other settings (every
-    difference named), before anything is written."""
+    difference named), before anything is written. A new output directory whose storage ``url`` already holds
+    a study of that name is told to name its own study."""
+    from search.checks import shown_url
     from search.config import ConfigError, format_problems
 
     stored = None if record is None else record.fingerprint()
     problems = fingerprint_problems(stored, current, str(where))
-    if problems:
+    if not problems:
+        return
+    if (Path(where) / CONFIG_COPY).is_file():
         head = f"{where} holds a study made with other settings; use another output_dir, or restore them:"
-        raise ConfigError(format_problems(source, [head, *problems]))
+    else:
+        head = (f"storage {shown_url(url)} already holds a study named {record.study.study_name!r}, made with other "
+                "settings; set study_name to keep another study beside it, or restore them:")
+    raise ConfigError(format_problems(source, [head, *problems]))
 
 
 def study_model(study_dir: Path, config, meta: dict, *, trust_remote_code: bool) -> tuple[str, bool]:
@@ -300,17 +307,24 @@ def study_model(study_dir: Path, config, meta: dict, *, trust_remote_code: bool)
     return name, bool(config.model.trust_remote_code and trust_remote_code)
 
 
-def storage_change_problem(out: Path, url: str) -> str | None:
-    """A study directory keeps its storage: a config naming another one would leave the stored study behind."""
+def storage_change_problem(out: Path, url: str, name: str) -> str | None:
+    """A study directory keeps its storage and study name: a config naming others would leave the stored study
+    behind."""
     from search.checks import absolute_storage, shown_url
     from search.config import ConfigError, load_config, storage_url
 
     copy = Path(out) / CONFIG_COPY
+    if not copy.is_file():
+        return None
     try:
-        stored = storage_url(load_config(copy).storage, out) if copy.is_file() else None
+        config = load_config(copy)
     except ConfigError:
         return None
-    if stored is None or absolute_storage(stored) == absolute_storage(url):
-        return None
-    return (f"storage: {out} holds a study stored in {shown_url(stored)}, not {shown_url(url)}; use that storage "
-            "or another output_dir")
+    stored = storage_url(config.storage, out)
+    if absolute_storage(stored) != absolute_storage(url):
+        return (f"storage: {out} holds a study stored in {shown_url(stored)}, not {shown_url(url)}; use that "
+                "storage or another output_dir")
+    if config.study_name != name:
+        return (f"study_name: {out} holds the study {config.study_name!r}, not {name!r}; use that name or another "
+                "output_dir")
+    return None

@@ -61,6 +61,30 @@ def test_study_keeps_its_storage(study, tmp_path, capsys):
             ["holds a study stored in sqlite:///", "other.db"], out, tmp_path)
 
 
+def test_studies_share_a_storage_under_their_own_names(study, tmp_path, capsys):
+    """A second study in the storage of the first is refused while it takes the same name (the message names the
+    storage and the key to set, and nothing is written); under its own study_name both run and report apart."""
+    root, _, _, model = study
+    shared = f"sqlite:///{tmp_path / 'shared.db'}"
+    first = write_yaml(tmp_path / "first.yaml", study_config(tmp_path / "first", strategies=STRATEGIES,
+                                                             model={"name": str(model)}, storage=shared))
+    assert study_main(["run", str(first), "--no-progress"]) == 0
+    data = study_config(tmp_path / "second", strategies=STRATEGIES, model={"name": str(model)}, storage=shared,
+                        seed=1)
+    second = write_yaml(tmp_path / "second.yaml", data)
+    refused(capsys, study_main, ["run", str(second), "--no-progress"],
+            ["already holds a study named 'depthsearch'", "set study_name", "seed: the study has 0, now 1"],
+            tmp_path)
+    second = write_yaml(tmp_path / "second.yaml", {**data, "study_name": "seed-1"})
+    assert study_main(["run", str(second), "--no-progress"]) == 0
+    assert len(trial_table(tmp_path / "first")) == len(trial_table(tmp_path / "second", "seed-1")) > 0
+    for out in ("first", "second"):
+        assert study_main(["report", str(tmp_path / out)]) == 0
+    renamed = write_yaml(tmp_path / "renamed.yaml", {**data, "study_name": "other"})
+    refused(capsys, study_main, ["run", str(renamed), "--no-progress"],
+            ["study_name: ", "holds the study 'seed-1', not 'other'"], tmp_path)
+
+
 def test_same_model_by_another_path_resumes(study, capsys):
     root, out, _, model = study
     before = trial_table(out)

@@ -18,6 +18,7 @@ import yaml
 from search.config import load_config
 from search.study import main as study_main
 from search.evaluation.executors import build_scorer
+from search.record import PENALTY, planned_mask
 from surgery.mask import KeepMask
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -64,8 +65,9 @@ def run_study(tmp_path: Path, name: str = "study", **overrides) -> Path:
     return out
 
 
-def trial_table(out: Path) -> pd.DataFrame:
-    study = optuna.load_study(study_name="depthsearch", storage=f"sqlite:///{out / 'study.db'}")
+def trial_table(out: Path, name: str = "depthsearch") -> pd.DataFrame:
+    storage = yaml.safe_load((out / "config.yaml").read_text()).get("storage") or f"sqlite:///{out / 'study.db'}"
+    study = optuna.load_study(study_name=name, storage=storage)
     rows = [(t.user_attrs["strategy"], t.user_attrs["mask"], t.values[0]) for t in study.get_trials(deepcopy=False)]
     return pd.DataFrame(rows, columns=["strategy", "mask", "objective"])
 
@@ -239,4 +241,45 @@ def test_ray_executor_study_matches_in_process(tmp_path):
     assert (sampled.strategy == "nsga2").any()
     scorer = build_scorer(load_config(tmp_path / "ray.yaml"))
     for mask, value in zip(sampled["mask"], sampled.objective):
+        assert value == scorer.score(KeepMask.parse(mask))
+
+
+def _working_trials(db: Path, name: str) -> list[optuna.trial.FrozenTrial]:
+    try:
+        return optuna.load_study(study_name=name, storage=f"sqlite:///{db}").get_trials(deepcopy=False)
+    except Exception:  # not created yet (KeyError), or the database is being written
+        return []
+
+
+@pytest.mark.slow
+def test_sigkill_during_ray_tune_loses_no_trial(tmp_path):
+    """executor ray: every Tune trial is stored the moment it finishes; a run killed in the middle of a sampler's
+    Tune trials resumes with them (same values, none redone), finishes the one it left RUNNING, runs the rest."""
+    n_trials, name = 16, "depthsearch:tpe:0.2"
+    strategies = [{"name": "tpe", "settings": {"n_trials": n_trials, "n_startup_trials": 4, "seed": 0}}]
+    out = tmp_path / "killed"
+    config = write_config(tmp_path / "killed.yaml", study_config(out, strategies=strategies, budget={"targets": [0.2]},
+                                                                 executor={"kind": "ray", "workers": 2}))
+    command = [sys.executable, "-m", "search.study", "run", str(config), "--no-progress"]
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                               start_new_session=True)
+    done = lambda: [t for t in _working_trials(out / "study.db", name) if t.state.is_finished()]  # noqa: E731
+    deadline = time.time() + 240
+    while len(done()) < 4 and time.time() < deadline and process.poll() is None:
+        time.sleep(0.2)
+    assert process.poll() is None, "the study finished before it could be killed"
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    before = {t.number: (t.params, t.values) for t in done()}
+    assert 4 <= len(before) < n_trials and "summary.md" not in os.listdir(out)
+
+    assert study_main(["run", str(config), "--no-progress"]) == 0
+    trials = _working_trials(out / "study.db", name)
+    assert len(trials) == n_trials and all(t.state == optuna.trial.TrialState.COMPLETE for t in trials)
+    assert {t.number: (t.params, t.values) for t in trials if t.number in before} == before  # kept, not redone
+    recorded = trial_table(out)
+    scored = {str(planned_mask(t, 10)) for t in trials if t.values[0] < PENALTY}  # within the budget
+    assert sorted(recorded["mask"]) == sorted(scored)  # each in the main study, once
+    scorer = build_scorer(load_config(config))
+    for mask, value in zip(recorded["mask"], recorded["objective"]):
         assert value == scorer.score(KeepMask.parse(mask))

@@ -103,19 +103,24 @@ def test_ray_workers_give_the_in_process_trials_and_survive_a_killed_worker(conf
 
 @pytest.mark.slow
 def test_ray_tune_optuna_search_trials_are_recorded_with_in_process_values(config, tmp_path):
-    from search.evaluation.tune import TuneBudget, record_tune_results, tune_sampler
+    from search.evaluation.tune import TuneBudget, record_working_trials, tune_sampler
 
     scorer = build_scorer(config)
     costs = sublayer_costs(scorer.model)
     warm = [KeepMask.parse("AM,AM,AM,A-,A-")]
+    ctx = SearchContext(scorer=scorer, costs=costs, targets=(0.2,), record=StudyRecord())
+    run = ctx.strategy_run("random")
+    working = run.working_study("random:0.2", optuna.samplers.RandomSampler(seed=0), ["minimize"])
     results = tune_sampler(config, budget=TuneBudget(costs, 0.2), sampler=optuna.samplers.RandomSampler(seed=0),
-                           n_trials=4, warm_start=warm, storage_path=str(tmp_path / "tune"))
+                           n_trials=4, warm_start=warm, storage_path=str(tmp_path / "tune"), study=working,
+                           storage=ctx.record.storage)
     assert len(results) == 4
     assert any(r["mask"] == str(warm[0]) for r in results)  # the warm start was evaluated
-    ctx = SearchContext(scorer=scorer, costs=costs, targets=(0.2,), record=StudyRecord())
-    study = ctx.study
-    run = ctx.strategy_run("random")
-    finished = record_tune_results(run, results, lambda mask: 0.2)
-    assert run.forwards == 0 and len(study.trials) == len(finished) >= 1
+    told = working.get_trials(deepcopy=False)
+    assert len(told) == 4 and all(t.state == optuna.trial.TrialState.COMPLETE for t in told)  # told as they finished
+    assert sorted(t.values[0] for t in told) == sorted(r["objective"] for r in results)
+    finished = record_working_trials(run, working, lambda mask: 0.2)
+    assert run.forwards == 0 and len(ctx.study.trials) == len(finished) >= 1
+    assert record_working_trials(run, working, lambda mask: 0.2) == []  # recorded once
     for mask, value in finished:
         assert value == scorer.score(mask)

@@ -29,6 +29,7 @@ from search.config import (
     validation_problems,
 )
 from search.commands.heal import HealSettings
+from search.record import PRIMARY_COLUMN
 from surgery.files import atomic_write, atomic_write_text
 from surgery.errors import UserError
 
@@ -158,10 +159,10 @@ def pick_candidates(front: pd.DataFrame, size: str, *, top_k: int, budgets: list
 
     def row_to(row, why: str) -> Candidate:
         return Candidate(row["mask"], str(row["strategy"]), float(row["removed_fraction"]), float(row[size]),
-                         float(row["heldout_ppl"]), why)
+                         float(row[PRIMARY_COLUMN]), why)
 
     if not budgets:
-        best = front.sort_values("heldout_ppl", kind="stable").head(top_k)
+        best = front.sort_values(PRIMARY_COLUMN, kind="stable").head(top_k)
         return [row_to(row, f"front, held-out ppl rank {i + 1}") for i, (_, row) in enumerate(best.iterrows())]
     picked: dict[str, Candidate] = {}
     for budget in budgets:
@@ -170,7 +171,7 @@ def pick_candidates(front: pd.DataFrame, size: str, *, top_k: int, budgets: list
             most = front["removed_fraction"].max()
             raise ConfirmError(f"--budgets {budget:g}: no front mask removes >= {budget:.0%} of {size} "
                                f"(the front reaches {most:.1%})")
-        row = meets.sort_values("heldout_ppl", kind="stable").iloc[0]
+        row = meets.sort_values(PRIMARY_COLUMN, kind="stable").iloc[0]
         picked.setdefault(row["mask"], row_to(row, f"budget {budget:g}"))
     return list(picked.values())
 

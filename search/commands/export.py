@@ -16,6 +16,7 @@ from pathlib import Path
 import pandas as pd
 
 from search.commands.report import StudyData, read_study
+from search.record import PRIMARY_COLUMN
 from surgery.errors import UserError
 
 
@@ -54,9 +55,9 @@ def candidates(data: StudyData, *, max_params=None, max_removed=None, scored: st
     return within[within["removed"] == within["removed"].max()]
 
 
-def select(data: StudyData, *, max_params=None, max_removed=None, objective: str = "heldout_ppl") -> pd.Series:
+def select(data: StudyData, *, max_params=None, max_removed=None, objective: str = PRIMARY_COLUMN) -> pd.Series:
     """The best mask within the budget by ``objective``; its row of trials.csv (first finder as strategy)."""
-    column = "heldout_ppl" if objective == "heldout_ppl" else "objective"
+    column = PRIMARY_COLUMN if objective == PRIMARY_COLUMN else "objective"
     pool = candidates(data, max_params=max_params, max_removed=max_removed, scored=column)
     return pool.sort_values([column, "trial"], kind="stable").iloc[0]
 
@@ -78,12 +79,12 @@ def main(args: argparse.Namespace) -> int:
     protect = (("the study", study_dir), ("the source model", Path(name) if local else None))
     check_target(Path(args.out), args.force, protect=protect)  # before the model is loaded
     model, tokenizer = load_checked(name, dtype=config.model.dtype, device="cpu", trust_remote_code=trust)
-    metrics = {key: _plain(best[key]) for key in ("strategy", "objective", "heldout_ppl", "removed_attn",
+    metrics = {key: _plain(best[key]) for key in ("strategy", "objective", PRIMARY_COLUMN, "removed_attn",
                                                     "removed_ffn", *data.meta["dense"]) if key in best}
     metrics.update(calibration_objective=data.meta["objective"], study=str(args.study_dir))
     out = export_pruned(model, tokenizer, KeepMask.parse(best["mask"]), Path(args.out),
                         source=config.model.name, metrics=metrics, force=args.force, protect=protect)
-    ppl = "-" if pd.isna(best["heldout_ppl"]) else f"{best['heldout_ppl']:.4g}"
+    ppl = "-" if pd.isna(best[PRIMARY_COLUMN]) else f"{best[PRIMARY_COLUMN]:.4g}"
     size = int(best['params']) if 'params' in best else '?'
     print(f"exported {best['mask']} (found by {best['strategy']}, {size} params, "
           f"held-out ppl {ppl}) to {out}")

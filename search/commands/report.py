@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from search.record import MAIN_STUDY, PRIMARY_COLUMN, StudyRecord, heldout_set_name
+from search.record import PRIMARY_COLUMN, StudyRecord, heldout_set_name
 from surgery.files import atomic_write, atomic_write_text
 from surgery.mask import KeepMask, sublayer_name
 
@@ -47,7 +47,7 @@ class StudyData:
 
     def heldout_columns(self, mask: str) -> dict[str, float | None]:
         """``heldout_ppl`` and each ``heldout_ppl_<name>`` of ``mask`` (None where it was not scored)."""
-        return {"heldout_ppl": self.heldout.get(mask), **{c: ppl.get(mask) for c, ppl in self.extra_heldout.items()}}
+        return {PRIMARY_COLUMN: self.heldout.get(mask), **{c: ppl.get(mask) for c, ppl in self.extra_heldout.items()}}
 
     @property
     def size_metric(self) -> str:
@@ -77,9 +77,9 @@ def load_study_dir(study_dir: Path) -> tuple[StudyRecord, str, object]:
     problems = storage_problems(url, study_dir, key=f"{copy}: storage", must_exist=True)
     if problems:
         raise StudyDirError("; ".join(problems))
-    record = open_record(url, create=False)
+    record = open_record(url, create=False, name=config.study_name)
     if record is None:
-        raise StudyDirError(f"{study_dir}: no study {MAIN_STUDY!r} in {url} (run `search.study run` first)")
+        raise StudyDirError(f"{study_dir}: no study {config.study_name!r} in {url} (run `search.study run` first)")
     return record, url, config
 
 
@@ -95,7 +95,7 @@ def trials_frame(record: StudyRecord, meta: dict, data: StudyData) -> pd.DataFra
         row.update(data.heldout_columns(done.mask))
         rows.append(row)
     columns = ["trial", "strategy", "target", "mask", "removed_attn", "removed_ffn", "removed", *meta["dense"],
-               "objective", "heldout_ppl", *data.extra_heldout]
+               "objective", PRIMARY_COLUMN, *data.extra_heldout]
     return pd.DataFrame(rows, columns=columns)
 
 
@@ -152,12 +152,12 @@ def front_frame(data: StudyData) -> pd.DataFrame:
         objective = per_mask["objective"].get(mask) if mask in per_mask.index else data.meta.get("dense_objective")
         rows.append({"mask": mask, "strategy": finders.get(mask, "?"), size: cost,
                      "removed_fraction": 1 - cost / data.meta["dense"][size], "removed_attn": keep.removed_attn,
-                     "removed_ffn": keep.removed_ffn, "objective": objective, "heldout_ppl": ppl})
+                     "removed_ffn": keep.removed_ffn, "objective": objective, PRIMARY_COLUMN: ppl})
     frame = pd.DataFrame(rows, columns=["mask", "strategy", size, "removed_fraction", "removed_attn", "removed_ffn",
-                                        "objective", "heldout_ppl"])
+                                        "objective", PRIMARY_COLUMN])
     if frame.empty:
         return frame
-    return frame[pareto_mask(frame[size], frame["heldout_ppl"])].sort_values(size).reset_index(drop=True)
+    return frame[pareto_mask(frame[size], frame[PRIMARY_COLUMN])].sort_values(size).reset_index(drop=True)
 
 
 def results_frame(data: StudyData) -> pd.DataFrame:
@@ -170,7 +170,7 @@ def results_frame(data: StudyData) -> pd.DataFrame:
         for key, mask in record.get("results", {}).items():
             rows.append({"target": float(key), "strategy": tag, "mask": mask, metric: costs.get(mask),
                          "objective": objective.get(mask), **data.heldout_columns(mask)})
-    frame = pd.DataFrame(rows, columns=["target", "strategy", "mask", metric, "objective", "heldout_ppl",
+    frame = pd.DataFrame(rows, columns=["target", "strategy", "mask", metric, "objective", PRIMARY_COLUMN,
                                         *data.extra_heldout])
     optimum = {float(k): objective.get(m) for k, m in _exhaustive(data).get("results", {}).items() if m}
     frame["optimum"] = frame["target"].map(optimum)
@@ -266,7 +266,7 @@ def summary_markdown(data: StudyData, results: pd.DataFrame, front: pd.DataFrame
         limit = (1 - target) * meta["dense"][metric]
         table = pd.DataFrame({"strategy": group["strategy"], "mask": group["mask"], metric: group[metric],
                               "objective": group["objective"], "gap vs exhaustive": [_gap_text(r) for r in group.itertuples()],
-                              "held-out ppl": group["heldout_ppl"],
+                              "held-out ppl": group[PRIMARY_COLUMN],
                               **{f"held-out ppl {heldout_set_name(c)}": group[c] for c in data.extra_heldout}})
         lines += [f"## Budget: {target:.0%} of {metric} removed ({metric} <= {limit:g})", "", _md_table(table), ""]
     comparison = comparison_frame(data, results)
@@ -297,13 +297,13 @@ def plot_pareto_png(data: StudyData, results: pd.DataFrame, front: pd.DataFrame,
         left.scatter(group[size], group["objective"], s=6, alpha=0.25, color=color)
         own = _own_front(group, size, "objective")
         left.plot(own[size], own["objective"], marker="o", ms=3, color=color, label=tag)
-        mine = results[results["strategy"] == tag].dropna(subset=["heldout_ppl"]).copy()
+        mine = results[results["strategy"] == tag].dropna(subset=[PRIMARY_COLUMN]).copy()
         mine[size] = mine["mask"].map(sizes)
         mine = mine.sort_values(size)
-        right.plot(mine[size], mine["heldout_ppl"], marker="o", ms=4, alpha=0.8, color=color, label=tag)
+        right.plot(mine[size], mine[PRIMARY_COLUMN], marker="o", ms=4, alpha=0.8, color=color, label=tag)
     left.scatter([dense], [data.meta.get("dense_objective", 0.0)], marker="*", s=200, color="k", label="dense", zorder=5)
     if not front.empty:
-        right.step(front[size], front["heldout_ppl"], where="post", color="k", lw=1.5, label="overall front")
+        right.step(front[size], front[PRIMARY_COLUMN], where="post", color="k", lw=1.5, label="overall front")
     if data.dense_mask in data.heldout:
         right.scatter([dense], [data.heldout[data.dense_mask]], marker="*", s=200, color="k", label="dense", zorder=5)
         right.set_yscale("log")
@@ -328,11 +328,11 @@ def plot_pareto_html(data: StudyData, front: pd.DataFrame, path: Path) -> Path:
         text = group["mask"] + " | " + group["strategy"]
         fig.add_trace(go.Scatter(x=group[size], y=group["objective"], mode="markers", name=tag, text=text,
                                  legendgroup=tag, marker={"size": 5}), row=1, col=1)
-        held = group.dropna(subset=["heldout_ppl"]).drop_duplicates("mask")
-        fig.add_trace(go.Scatter(x=held[size], y=held["heldout_ppl"], mode="markers", name=tag, text=held["mask"],
+        held = group.dropna(subset=[PRIMARY_COLUMN]).drop_duplicates("mask")
+        fig.add_trace(go.Scatter(x=held[size], y=held[PRIMARY_COLUMN], mode="markers", name=tag, text=held["mask"],
                                  legendgroup=tag, showlegend=False, marker={"size": 8}), row=1, col=2)
     if not front.empty:
-        fig.add_trace(go.Scatter(x=front[size], y=front["heldout_ppl"], mode="lines+markers", name="front",
+        fig.add_trace(go.Scatter(x=front[size], y=front[PRIMARY_COLUMN], mode="lines+markers", name="front",
                                  text=front["mask"] + " | " + front["strategy"], line={"shape": "hv", "color": "black"}),
                       row=1, col=2)
     dense = data.meta["dense"][size]

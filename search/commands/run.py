@@ -64,7 +64,8 @@ def environment_problems(config: StudyConfig, *, dry_run: bool = False) -> list[
     machine), the storage and the output directory. Reads only."""
     out, url = Path(config.output_dir), storage_url(config.storage, config.output_dir)
     problems = [] if dry_run else [device_problem("model.device", config.model.device)]
-    problems += [*storage_problems(url, out), output_dir_problem(out), studydir.storage_change_problem(out, url)]
+    problems += [*storage_problems(url, out), output_dir_problem(out),
+                 studydir.storage_change_problem(out, url, config.study_name)]
     return [p for p in problems if p]
 
 
@@ -203,7 +204,7 @@ def describe_plan(config: StudyConfig, prepared: Prepared | None) -> str:
         lines += [f"    target {t:.1%}: {table.name} <= {table.limit(t):g}" for t in config.budget.targets]
     for entry in config.strategies:
         lines.append(f"  strategy {entry.tag}: {entry.name} {entry.settings or ''}".rstrip())
-    lines.append(f"  storage: {storage_url(config.storage, out)}")
+    lines.append(f"  storage: {storage_url(config.storage, out)}, study {config.study_name!r}")
     lines.append(f"  output: {out}" + (" (exists: re-running resumes it)" if out.exists() else ""))
     return "\n".join(lines)
 
@@ -343,12 +344,12 @@ def execute(config: StudyConfig, *, progress: bool = True) -> int:
     out = Path(config.output_dir)
     url = storage_url(config.storage, out)
     current = studydir.fingerprint(config, next(model.parameters()).device.type)
-    studydir.check_resume(open_record(url, create=False), current, out, config.source)
+    studydir.check_resume(open_record(url, create=False, name=config.study_name), current, out, config.source, url)
     created = studydir.make_dirs(out)
     try:
         with studydir.StudyLock(out, "python -m search.study run"):
-            record = open_record(url, create=True)
-            studydir.check_resume(record, current, out, config.source)  # again: another run may have started it
+            record = open_record(url, create=True, name=config.study_name)
+            studydir.check_resume(record, current, out, config.source, url)  # again: another run may have started it
             problems = strategy_problems(record, config.strategies)
             if problems:
                 raise ConfigError(format_problems(config.source, problems))

@@ -175,6 +175,10 @@ class StrategyRun:
         """Run a sampler's remaining trials as Ray Tune trials (``search.evaluation.tune.TuneRunner``)."""
         self.ctx.tune(self, study, **options)
 
+    def has_recorded(self, mask: KeepMask) -> bool:
+        """Whether this strategy already recorded ``mask`` as a trial of the main study (this run or an earlier one)."""
+        return str(mask) in self._recorded
+
     def record_scored(self, mask: KeepMask, value: float, target: float | None) -> float:
         """A full objective computed elsewhere (a Tune worker): cached and recorded like an evaluation."""
         self.ctx.values.setdefault(str(mask), float(value))

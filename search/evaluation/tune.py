@@ -12,10 +12,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
+import optuna
+
 from objectives.budgets import CostTable, budget_excess
 from search.config import StudyConfig
 from search.evaluation.executors import WorkerState, ray_options, ray_session
-from search.record import BUDGET_CONSTRAINT, PENALTY, keep_params, mask_from_params, suggest_mask, working_trial
+from search.record import (
+    BUDGET_CONSTRAINT, PENALTY, completed, keep_params, mask_from_params, planned_mask, suggest_mask,
+)
 from surgery.mask import KeepMask
 
 _TUNE_STATE: dict[str, WorkerState] = {}  # per Tune worker process (reuse_actors keeps the process)
@@ -60,19 +64,22 @@ def _tune_trial(params: dict, *, config: StudyConfig, budget: TuneBudget) -> dic
 
 def tune_sampler(config: StudyConfig, *, budget: TuneBudget, sampler, n_trials: int,
                  warm_start: Sequence[KeepMask] = (), metrics: Sequence[str] = ("objective",),
-                 storage_path: str | None = None) -> list[dict]:
+                 storage_path: str | None = None, study: optuna.Study | None = None,
+                 storage: optuna.storages.BaseStorage | None = None) -> list[dict]:
     """Run ``n_trials`` masks proposed by ``sampler`` (OptunaSearch; minimising ``metrics``, several for a
     multi-objective sampler) as Ray Tune trials on ``executor.workers`` workers (each loads the model once);
     returns each finished trial's result dict (objective, kept, mask, feasible). A trial whose worker dies is
-    retried (``FailureConfig(max_failures=2)``)."""
+    retried (``FailureConfig(max_failures=2)``). With ``study`` (in ``storage``), OptunaSearch asks and tells
+    in that study, so each trial is stored the moment it finishes and the sampler sees the study's earlier trials."""
     ray_session(config.executor.address)
     from ray import tune
     from ray.tune.search.optuna import OptunaSearch
 
     points = [keep_params(m) for m in warm_start]
     metric, mode = (metrics[0], "min") if len(metrics) == 1 else (list(metrics), ["min"] * len(metrics))
+    stored = {"study_name": study.study_name, "storage": storage} if study is not None else {}
     search = OptunaSearch(space=KeepSpace(budget), metric=metric, mode=mode, sampler=sampler,
-                          points_to_evaluate=points or None)
+                          points_to_evaluate=points or None, **stored)
     options = ray_options(config.executor.resources_per_worker)
     resources = {"cpu": options["num_cpus"], "gpu": options["num_gpus"], **options.get("resources", {})}
     trainable = tune.with_resources(tune.with_parameters(_tune_trial, config=config, budget=budget), resources)
@@ -86,24 +93,28 @@ def tune_sampler(config: StudyConfig, *, budget: TuneBudget, sampler, n_trials: 
     return [result.metrics for result in tuner.fit() if result.error is None]
 
 
-def record_tune_results(run, results: list[dict], target_of: Callable[[KeepMask], float | None]
-                        ) -> list[tuple[KeepMask, float]]:
-    """Record Tune results as trials of ``run``'s strategy in the main study (no forward pass), each under the
-    target ``target_of(mask)``."""
+def record_working_trials(run, study: optuna.Study, target_of: Callable[[KeepMask], float | None]
+                          ) -> list[tuple[KeepMask, float]]:
+    """Record the feasible completed trials of the working study ``study`` (scored by Tune workers) that ``run``'s
+    strategy has not recorded yet as its trials in the main study (no forward pass), each under the target
+    ``target_of(mask)``; returns them with their values."""
+    sublayers = 2 * run.num_layers
     finished = []
-    for result in results:
-        if result.get("feasible"):
-            mask = KeepMask.parse(result["mask"])
-            finished.append((mask, run.record_scored(mask, result["objective"], target_of(mask))))
+    for trial in completed(study):
+        mask = planned_mask(trial, sublayers)
+        if mask is None or run.has_recorded(mask) or trial.values[0] >= PENALTY:  # PENALTY: over the budget
+            continue
+        finished.append((mask, run.record_scored(mask, trial.values[0], target_of(mask))))
     return finished
 
 
 class TuneRunner:
     """An Optuna sampler's remaining trials as Ray Tune trials; results land in both studies.
 
-    The main study gets every feasible mask as a trial of the strategy (no forward pass in this process); the
-    strategy's working study gets every Tune trial (its values for ``metrics`` and its budget constraint), so a
-    re-run counts them and resumes. Tune's own files go to ``<output_dir>/tune``.
+    OptunaSearch asks and tells in the strategy's working study (in the study's storage), so every Tune trial is
+    stored as soon as it finishes: a killed run loses none, and its re-run counts them and resumes. The main
+    study gets every feasible one as a trial of the strategy (no forward pass in this process), before the Tune
+    trials (the ones a killed run finished) and after. Tune's own files go to ``<output_dir>/tune``.
     """
 
     def __init__(self, config: StudyConfig):
@@ -112,13 +123,12 @@ class TuneRunner:
     def __call__(self, run, study, *, sampler, target: float, n_trials: int, warm_start: Sequence[KeepMask],
                  objectives: Sequence[str] = ("objective",),
                  record_target: Callable[[KeepMask], float | None] | None = None) -> None:
+        target_of = record_target or (lambda mask: target)
+        record_working_trials(run, study, target_of)
         if hasattr(run.ctx.evaluator, "close"):
             run.ctx.evaluator.close()  # the Tune trials need the workers' resources
         budget = TuneBudget(run.budget.costs, target, tuple(run.budget.constraints))
-        results = tune_sampler(self.config, budget=budget, sampler=sampler, n_trials=n_trials,
-                               warm_start=warm_start, metrics=objectives,
-                               storage_path=str(Path(self.config.output_dir, "tune").resolve()))
-        record_tune_results(run, results, record_target or (lambda mask: target))
-        for result in results:
-            mask = KeepMask.parse(result["mask"])
-            study.add_trial(working_trial(mask, [float(result[name]) for name in objectives], budget.excess(mask)))
+        tune_sampler(self.config, budget=budget, sampler=sampler, n_trials=n_trials, warm_start=warm_start,
+                     metrics=objectives, storage_path=str(Path(self.config.output_dir, "tune").resolve()),
+                     study=study, storage=run.ctx.record.storage)
+        record_working_trials(run, study, target_of)

@@ -76,17 +76,22 @@ class OptunaSampling(Strategy):
             if done < self.n_trials:
                 study.optimize(objective, n_trials=self.n_trials - done)
 
-    def optimize_on_ray(self, run, study: optuna.Study, target: float, seed: int, *,
+    def optimize_on_ray(self, run, study: optuna.Study, target: float, seed: int, objective, *,
                         warm_start: list[KeepMask] | None = None, **options) -> None:
-        """executor ray: the remaining trials run as Ray Tune trials (OptunaSearch with this sampler), with
-        ``target`` as the budget constraint, warm-started with ``warm_start`` (default: the best known masks
-        meeting ``target``); ``options`` go to the tune hook (``search.evaluation.tune.TuneRunner``)."""
+        """executor ray: the trials a killed run left RUNNING are finished in place (``objective``, as in
+        :meth:`optimize`), the remaining ones run as Ray Tune trials (OptunaSearch with this sampler, asking and
+        telling in ``study``), with ``target`` as the budget constraint, warm-started with ``warm_start``
+        (default: the best known masks meeting ``target``) less the masks ``study`` already holds, at most as
+        many as trials remain; ``options`` go to the tune hook (``search.evaluation.tune.TuneRunner``)."""
+        with quiet_optuna():
+            finish_running(study, run.running_trials(study), objective)
         remaining = self.n_trials - len(study.get_trials(deepcopy=False, states=FINISHED))
         if remaining > 0:
             if warm_start is None:
                 warm_start = known_feasible(run, target, self.warm_start)
+            present = {planned_mask(t, 2 * run.num_layers) for t in study.get_trials(deepcopy=False)}
             run.tune_trials(study, sampler=self.sampler(seed), target=target, n_trials=remaining,
-                            warm_start=warm_start, **options)
+                            warm_start=[m for m in warm_start if m not in present][:remaining], **options)
 
     @staticmethod
     def best_for(run, study: optuna.Study, target: float) -> KeepMask | None:
@@ -113,7 +118,8 @@ class PerTargetSampling(OptunaSampling):
         for index, target in enumerate(targets(run)):
             study = self.working_study(run, f"{run.strategy}:{target:g}", seed + index, ["minimize"])
             if run.tunes:
-                self.optimize_on_ray(run, study, target, seed + index)
+                self.optimize_on_ray(run, study, target, seed + index,
+                                     lambda trial, t=target: self._objective(run, trial, t))
             else:
                 self.enqueue_known(run, study, target)
                 self.optimize(run, study, lambda trial, t=target: self._objective(run, trial, t))
@@ -169,7 +175,8 @@ class NSGA2(OptunaSampling):
         study = self.working_study(run, run.strategy, seed, ["minimize", "minimize"])
         if run.tunes:
             warm = list(dict.fromkeys(m for t in targets(run) for m in known_feasible(run, t, self.warm_start)))
-            self.optimize_on_ray(run, study, min(run.targets), seed, warm_start=warm,
+            self.optimize_on_ray(run, study, min(run.targets), seed, lambda trial: self._objective(run, trial),
+                                 warm_start=warm,
                                  objectives=("objective", "kept"), record_target=lambda m: tightest_met(run, m))
         else:
             for target in targets(run):
