@@ -87,3 +87,7 @@ def test_evolutionary_init_study_starts_from_the_best_known_mask(tmp_path, score
     assert f"evolutionary target 0.3: starts from {greedy[0.3]}, found by greedy_per_cost" in run.notes
     assert scorer.score(found[0.3]) <= scorer.score(greedy[0.3]) + 1e-9  # elitist: never worse than its start
     assert costs.feasible(found[0.3], 0.3)
+    progress = [n for n in run.notes if n.startswith("evolutionary target 0.3: objective ")]
+    assert len(progress) == 1 and " generation(s), " in progress[0]  # start -> end value and this target's time
+    start, end = (float(v) for v in progress[0].split("objective ")[1].split(" in ")[0].split(" -> "))
+    assert end <= start and abs(end - scorer.score(found[0.3])) <= 1e-3 * max(1.0, end)

@@ -12,6 +12,7 @@ number of attempts, so a small space ends the run early instead of looping.
 from __future__ import annotations
 
 import random
+import time
 
 from surgery.mask import KeepMask
 
@@ -59,8 +60,10 @@ class Evolutionary(Strategy):
         if parent is None:
             run.note(f"{run.strategy}: no mask meets target {target:g}, even with every sublayer removed")
             return None
-        value = run.evaluate(parent, target)
+        started = time.perf_counter()
+        value = start = run.evaluate(parent, target)
         seen = {parent}
+        done = 0
         for generation in range(self.generations):
             children = self._children(run, target, parent, rng, seen)
             if not children:
@@ -71,6 +74,9 @@ class Evolutionary(Strategy):
             best = argmin(values)
             if values[best] < value:
                 parent, value = survivors[best], values[best]
+            done += 1
+        run.note(f"{run.strategy} target {target:g}: objective {start:.4g} -> {value:.4g} in {done} generation(s), "
+                 f"{time.perf_counter() - started:.1f} s")
         return parent
 
     def _stage(self, run, children: list[KeepMask]) -> list[KeepMask]:
