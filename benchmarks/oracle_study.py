@@ -20,6 +20,7 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 STRATEGIES = [
     {"name": "sleb"},
     {"name": "greedy_per_cost", "settings": {"stage_sequences": 2, "stage_keep": 2}},
@@ -28,31 +29,24 @@ STRATEGIES = [
 ]
 
 
-def absolute(section: dict, base: Path) -> dict:
-    """A text section with its files resolved against the config's folder (the new config lives elsewhere)."""
-    return {**section, "files": [str((base / f).resolve()) for f in section.get("files", [])]}
-
-
 def oracle_config(study: Path, texts: list[Path], out: Path, *, targets: list[float], sequences: int,
                   seq_len: int, threads: int | None) -> dict:
-    """The study's config with calibration on ``texts`` (the first as ``calibration``, the rest as
-    ``extra_calibration``), objective ppl, only ``targets``, the oracle strategies and ``out``."""
-    config = yaml.safe_load(study.read_text(encoding="utf-8"))
-    base = study.parent
-    config["model"]["name"] = str((base / config["model"]["name"]).resolve())
+    """The study's config (its local paths made absolute) with calibration on ``texts`` (the first as
+    ``calibration``, the rest as ``extra_calibration``), objective ppl, only ``targets``, the oracle strategies
+    and ``out``."""
+    from search.commands.run import portable_config
+    from search.config import load_config
+
+    config = portable_config(load_config(study))
     if threads:
         config["model"]["threads"] = threads
     parts = [{"files": [str(t.resolve())], "num_sequences": sequences, "seq_len": seq_len, "seed": 0} for t in texts]
     config["calibration"] = parts[0]
-    config.pop("extra_calibration", None)
-    if len(parts) > 1:
-        config["extra_calibration"] = {f"part{i}": part for i, part in enumerate(parts[1:], start=1)}
-    config["heldout"] = absolute(config["heldout"], base)
-    config["extra_heldout"] = {n: absolute(s, base) for n, s in config.get("extra_heldout", {}).items()}
+    config["extra_calibration"] = {f"part{i}": part for i, part in enumerate(parts[1:], start=1)}
     config["objective"] = "ppl"
     config["budget"]["targets"] = targets
     config["strategies"] = STRATEGIES
-    config.pop("confirm", None)
+    config["confirm"] = {}
     config["output_dir"] = str(out.resolve())
     return config
 
@@ -71,8 +65,14 @@ def main(argv: list[str] | None = None) -> int:
     if missing:
         print(f"error: not a file: {', '.join(missing)}", file=sys.stderr)
         return 2
-    config = oracle_config(args.study, args.text, args.out, targets=args.targets, sequences=args.sequences,
-                           seq_len=args.seq_len, threads=args.threads)
+    from surgery.errors import UserError
+
+    try:
+        config = oracle_config(args.study, args.text, args.out, targets=args.targets, sequences=args.sequences,
+                               seq_len=args.seq_len, threads=args.threads)
+    except UserError as error:  # the study's own config is invalid: its message names the problem
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     path = args.out.with_suffix(".yaml")
     if path.exists() and yaml.safe_load(path.read_text(encoding="utf-8")) != config:
         print(f"error: {path} exists with other settings; remove it or choose another --out", file=sys.stderr)

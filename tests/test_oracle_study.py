@@ -45,6 +45,10 @@ def test_oracle_study_refuses_a_missing_text_and_other_settings(tmp_path, capfd)
     assert script.main(args) == 2  # the study refuses the budget: its config is not left behind
     assert "budget.targets.0: params target 99%" in capfd.readouterr().err
     assert not out.with_suffix(".yaml").exists() and not out.exists()
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("model: {}\n")
+    assert script.main(["--study", str(broken), "--text", str(TEXT), "--out", str(out)]) == 2
+    assert "model.name" in capfd.readouterr().err and not out.with_suffix(".yaml").exists()
     out.with_suffix(".yaml").write_text("mine: true\n")
     assert script.main(["--study", str(STUDY), "--text", str(TEXT), "--out", str(out)]) == 2
     assert "exists with other settings" in capfd.readouterr().err

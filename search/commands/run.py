@@ -212,6 +212,12 @@ def describe_plan(config: StudyConfig, prepared: Prepared | None) -> str:
 # the study directory ---------------------------------------------------------------------------------------
 def save_config_copy(config: StudyConfig, out: Path) -> Path:
     """The config with local paths made absolute, so report/export work from the study directory alone."""
+    return atomic_write_text(out / CONFIG_COPY, yaml.safe_dump(portable_config(config), sort_keys=False))
+
+
+def portable_config(config: StudyConfig) -> dict:
+    """The config as plain data with its local paths (model, text files, storage) made absolute, so it means the
+    same from any folder."""
     data = config.model_dump(mode="json")
     data["storage"] = absolute_storage(config.storage)
     name, local = model_source(config)
@@ -221,7 +227,7 @@ def save_config_copy(config: StudyConfig, out: Path) -> Path:
     for key in ("extra_calibration", "extra_heldout"):
         for name, section in getattr(config, key).items():
             data[key][name]["files"] = list(text_source(config, section).source.files)
-    return atomic_write_text(out / CONFIG_COPY, yaml.safe_dump(data, sort_keys=False))
+    return data
 
 
 # running ---------------------------------------------------------------------------------------------------
