@@ -26,6 +26,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from torch import nn
 
+from surgery.compat import forward_with_cache, output_cache
 from surgery.errors import UserError
 from surgery.families import family_for, get_path
 from surgery.files import atomic_write_text
@@ -141,12 +142,12 @@ def phase_runner(model: nn.Module, phase: str, settings: LatencySettings) -> Cal
     context = torch.randint(vocab, (settings.decode_batch_size, settings.context), generator=generator).to(device)
     step = torch.randint(vocab, (settings.decode_batch_size, 1), generator=generator).to(device)
     with torch.inference_mode():
-        cache = model(input_ids=context, use_cache=True).past_key_values
+        cache = output_cache(model(input_ids=context, use_cache=True))
     if hasattr(cache, "activate_past_recording"):  # sliding-window layers can then be cropped back
         cache.activate_past_recording()
 
     def decode():
-        out = model(input_ids=step, past_key_values=cache, use_cache=True)
+        out = forward_with_cache(model, cache, input_ids=step)
         cache.crop(-1)  # drop the new token: the next repeat sees the same cache length
         return out
 

@@ -1,10 +1,9 @@
 """Reversible runtime masking: run a loaded model under a KeepMask without copying or reloading weights.
 
 A removed sublayer's module is swapped for a weightless stand-in that returns zeros (so its compute is
-skipped); restoring puts the very same module objects back. Layers whose attention is removed get a KV-cache
-layer that stores nothing while masked (``config.kv_sharing_modes``: "reuse"), so ``generate()`` with a KV
-cache keeps working (sequence length comes from the first kept attention). A mask without any attention leaves
-the cache alone.
+skipped); restoring puts the very same module objects back. A removed attention keeps its layer of a KV cache at
+the right length with a one-number-per-token placeholder (``SkippedAttention``), so ``generate()`` with a cache
+gives the same tokens as without one. The config is never touched.
 """
 
 from __future__ import annotations
@@ -16,7 +15,7 @@ from torch import nn
 
 from .families import Family, family_for, get_path
 from .mask import ATTN, FFN, KeepMask
-from .pruned_modeling import SkippedAttention, cache_sharing_modes, ffn_stand_ins
+from .pruned_modeling import SkippedAttention, cache_layer_index, ffn_stand_ins
 
 
 class RuntimeMasker:
@@ -44,7 +43,8 @@ class RuntimeMasker:
         key = (layer, kind)
         if key not in self._stand_ins:
             if kind == ATTN:
-                self._stand_ins[key] = {self.family.attn: SkippedAttention()}
+                original = self.originals[layer][ATTN][self.family.attn]
+                self._stand_ins[key] = {self.family.attn: SkippedAttention(cache_layer_index(original, layer))}
             else:
                 originals = self.originals[layer][FFN]
                 self._stand_ins[key] = dict(zip(originals, ffn_stand_ins(list(originals.values()))))
@@ -67,22 +67,10 @@ class RuntimeMasker:
             if now != want:
                 self.swap(*divmod(index, 2), keep=want)
         self.current = mask
-        self._set_cache_modes(mask)
 
     def restore(self) -> None:
         """Put every original module back: the model is exactly the dense model again."""
         self.apply(KeepMask.dense(self.num_layers))
-
-    def _set_cache_modes(self, mask: KeepMask) -> None:
-        """Layers without attention get a KV-cache layer that stores nothing (``config.kv_sharing_modes``).
-
-        ``layer_types`` stays as it is: some families index their attention masks by it.
-        """
-        modes = cache_sharing_modes([mask.keeps(i, ATTN) for i in range(mask.num_layers)])
-        if modes is None:
-            self.model.config.__dict__.pop("kv_sharing_modes", None)
-        else:
-            self.model.config.kv_sharing_modes = modes
 
 
 def masker_for(model: nn.Module) -> RuntimeMasker:

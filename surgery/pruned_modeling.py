@@ -11,12 +11,39 @@ from torch import nn
 
 
 class SkippedAttention(nn.Module):
-    """A removed attention sublayer: adds nothing to the residual stream, computes nothing, holds no weights."""
+    """A removed attention sublayer: adds nothing to the residual stream, holds no weights.
+
+    Under a KV cache it still appends a one-number-per-token placeholder (one head of width 1) to its layer of the
+    cache through the public ``Cache.update``, so that every layer of the cache reports the true sequence length
+    (transformers reads it from layer 0, and learned absolute positions read it too). The placeholder costs
+    ``1 / (kv_heads * head_dim)`` of a kept layer's cache.
+    """
+
+    def __init__(self, layer_idx: int | None = None):
+        super().__init__()
+        self.layer_idx = layer_idx
 
     def forward(self, hidden_states=None, *args, **kwargs):
         if hidden_states is None:
             hidden_states = args[0]
+        cache = _find_cache(args, kwargs)
+        if cache is not None and self.layer_idx is not None:
+            placeholder = hidden_states.new_zeros(hidden_states.shape[0], 1, hidden_states.shape[1], 1)
+            cache.update(placeholder, placeholder, self.layer_idx)
         return torch.zeros_like(hidden_states), None
+
+    def extra_repr(self) -> str:
+        return f"layer_idx={self.layer_idx}"
+
+
+def _find_cache(args: tuple, kwargs: dict):
+    """The KV cache handed to an attention module, whatever the release calls the argument."""
+    from transformers import Cache
+
+    for value in (*kwargs.values(), *args):
+        if isinstance(value, Cache):
+            return value
+    return None
 
 
 class SkippedFFN(nn.Module):
@@ -44,16 +71,6 @@ def ffn_stand_ins(parts: list[nn.Module]) -> list[SkippedFFN]:
     return [SkippedFFN(last if i == len(parts) - 1 else 0) for i in range(len(parts))]
 
 
-def cache_sharing_modes(keep_attn: list[bool]) -> list[str | None] | None:
-    """Per-layer KV-cache modes: layers without attention get a cache layer that stores nothing ("reuse").
-
-    ``None`` when every layer (or none) keeps its attention: the default cache is right then.
-    """
-    if all(keep_attn) or not any(keep_attn):
-        return None
-    return [None if keep else "reuse" for keep in keep_attn]
-
-
 # exported partially-pruned models ----------------------------------------------------------------------------
 # ``config.depth_pruning`` says what was removed, in the family's own attribute names:
 #   {"keep": "AM,A-,-M", "layers": "model.layers", "attn": "self_attn", "ffn": ["mlp"],
@@ -77,9 +94,9 @@ def prune_sublayers(model: nn.Module, spec: dict) -> None:
     items = spec["keep"].split(",")
     if len(items) != len(layers):
         raise ValueError(f"depth_pruning keep {spec['keep']!r} has {len(items)} layers, the model {len(layers)}")
-    for layer, item in zip(layers, items):
+    for index, (layer, item) in enumerate(zip(layers, items)):
         if item[0] == "-":
-            setattr(layer, spec["attn"], SkippedAttention())
+            setattr(layer, spec["attn"], SkippedAttention(cache_layer_index(getattr(layer, spec["attn"]), index)))
             for name in spec["attn_norms"]:
                 setattr(layer, name, nn.Identity())
         if item[1] == "-":
@@ -90,9 +107,14 @@ def prune_sublayers(model: nn.Module, spec: dict) -> None:
                 setattr(layer, name, nn.Identity())
 
 
+def cache_layer_index(attention: nn.Module, position: int) -> int:
+    """The cache layer an attention module writes to (its ``layer_idx``; its position in the stack otherwise)."""
+    index = getattr(attention, "layer_idx", None)
+    return position if index is None else int(index)
+
+
 def _base_classes(base_type: str) -> tuple[type, type]:
-    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+    from transformers import CONFIG_MAPPING, MODEL_FOR_CAUSAL_LM_MAPPING
 
     base_config = CONFIG_MAPPING[base_type]
     return base_config, MODEL_FOR_CAUSAL_LM_MAPPING[base_config]
@@ -107,11 +129,6 @@ def _make_config_class(base_type: str, base_config: type) -> type:
         model_type = PREFIX + base_type
         base_model_type = base_type
         depth_pruning: dict | None = None
-
-        @property
-        def kv_sharing_modes(self):
-            spec = self.depth_pruning or {}
-            return cache_sharing_modes([item[0] != "-" for item in spec.get("keep", "").split(",") if item])
 
     Config.__name__ = Config.__qualname__ = f"DepthPruned{_camel(base_config)}Config"
     Config.__module__ = __name__
@@ -146,12 +163,12 @@ def pruned_classes(base_type: str) -> tuple[type, type]:
 
 def __getattr__(name: str):
     """``DepthPrunedLlamaConfig`` / ``DepthPrunedLlamaForCausalLM``: built on first access (the auto_map names)."""
-    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+    import transformers
 
     for suffix, which in (("Config", 0), ("ForCausalLM", 1)):
         if name.startswith("DepthPruned") and name.endswith(suffix):
             camel = name.removeprefix("DepthPruned").removesuffix(suffix)
-            for base_type, config_name in CONFIG_MAPPING_NAMES.items():
-                if config_name == camel + "Config":
-                    return pruned_classes(base_type)[which]
+            base_config = getattr(transformers, camel + "Config", None)
+            if isinstance(base_config, type) and getattr(base_config, "model_type", ""):
+                return pruned_classes(base_config.model_type)[which]
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -131,7 +131,8 @@ def test_prune_model_in_memory_matches_masked():
     pruned = prune_model(tiny_model("gemma2"), mask)
     assert type(pruned).__name__ == "DepthPrunedGemma2ForCausalLM"
     assert pruned.config.num_hidden_layers == 2 and pruned.config.layer_types == ["sliding_attention", "sliding_attention"]
-    assert [layer.self_attn.layer_idx for layer in pruned.model.layers if hasattr(layer.self_attn, "layer_idx")] == [1]
+    attention = [(type(layer.self_attn).__name__, layer.self_attn.layer_idx) for layer in pruned.model.layers]
+    assert attention == [("SkippedAttention", 0), ("Gemma2Attention", 1)]  # cache layers renumbered
     with torch.no_grad():
         assert torch.equal(pruned(input_ids()).logits, logits)
     assert num_params(pruned) == param_costs(model).cost(mask)

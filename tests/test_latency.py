@@ -25,6 +25,7 @@ from objectives.latency import (
     profile_phase,
 )
 from search import study
+from surgery.compat import output_cache
 from surgery.export import export_pruned
 from surgery.load import load_model
 from surgery.mask import KeepMask
@@ -88,7 +89,7 @@ def test_decode_runner_keeps_the_cache_length(llama):
         for _ in range(3):
             out = run()
     assert out.logits.shape[:2] == (1, 1)
-    assert out.past_key_values.get_seq_length() == 8
+    assert output_cache(out).get_seq_length() == 8
 
 
 def _table(fixed: float, per: list[float]) -> CostTable:

@@ -25,6 +25,7 @@ from objectives.budgets import kv_cache_costs
 from objectives.latency import LatencySettings, interleaved_ms, model_device, phase_runner
 from surgery.errors import UserError
 from surgery.families import family_for, get_path
+from surgery.compat import output_cache
 from surgery.files import atomic_write_text
 from surgery.mask import KeepMask
 from surgery.params import num_params
@@ -56,11 +57,12 @@ def weight_bytes(model: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in tensors.values())
 
 
-def cache_bytes(cache) -> int:
-    """Bytes held by a transformers KV cache (tensors shared between layers counted once)."""
+def cache_bytes(cache, keep_attn: list[bool]) -> int:
+    """Bytes of keys and values a transformers KV cache holds for the kept attentions (tensors shared between
+    layers counted once); the length placeholders of removed attentions are not keys or values."""
     tensors = {}
-    for layer in getattr(cache, "layers", []):
-        for name in ("keys", "values"):
+    for layer, kept in zip(getattr(cache, "layers", []), keep_attn):
+        for name in ("keys", "values") if kept else ():
             tensor = getattr(layer, name, None)
             if isinstance(tensor, torch.Tensor) and tensor.numel():
                 tensors[tensor.data_ptr()] = tensor
@@ -117,7 +119,7 @@ def memory_profile(model: nn.Module, settings: LatencySettings) -> dict[str, Any
         prefill = transient_peak(phase_runner(model, "prefill", settings), device)
         decode = phase_runner(model, "decode", settings)
         out = decode()
-        kv = cache_bytes(out.past_key_values)
+        kv = cache_bytes(output_cache(out), list(structure_mask(model).bits[0::2]))
         step = transient_peak(decode, device)
     tokens = settings.decode_batch_size * settings.context
     return {
