@@ -1,6 +1,6 @@
 """How far can mask search go at all? A study that searches on the evaluation text itself (an upper bound).
 
-    python benchmarks/oracle_study.py --text wikitext2_valid.tokens --out runs/oracle-wiki [--targets 0.125]
+    python benchmarks/oracle_study.py --text studies/assets/text/wikitext2_valid.tokens --out runs/oracle-wiki [--targets 0.125]
 
 Takes a shipped study (default ``studies/smollm2-135m.yaml``: its model, dtype, held-out text, budget and engine),
 replaces its calibration text by ``--text`` (one or more files, ``--sequences`` windows of ``--seq-len`` tokens
