@@ -8,17 +8,45 @@ its parts as the study's are) with another ``--seed``, and scores every distinct
 objective on them. Prints one markdown table per target: the strategies that found each mask, the study's
 calibration value, the value on the larger sample, and the study's held-out perplexities, so the rankings can be
 compared side by side.
+
+    python benchmarks/calibration_kl.py --smoke     # seconds: a tiny study of stories260k (SMOKE_STUDY), 2 windows
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+# --smoke: these sizes replace the given ones; without a study directory, the shipped study below is run first
+# into a temporary directory with the overrides of SMOKE_STUDY
+SMOKE = {"sequences": 2}
+SMOKE_STUDY = ROOT / "studies" / "stories260k.yaml", {
+    "strategies": [{"name": "sleb"}, {"name": "shortgpt"}], "budget": {"targets": [0.2, 0.4]},
+    "calibration": {"num_sequences": 2, "seq_len": 32}, "heldout": {"num_sequences": 2, "seq_len": 32}}
+
+
+def smoke_study(out: Path) -> Path:
+    """Run SMOKE_STUDY's config, shrunk by its overrides, into ``out``."""
+    import yaml
+
+    from search.commands.run import portable_config
+    from search.config import load_config
+    from search.study import main as study_main
+
+    path, overrides = SMOKE_STUDY
+    config = portable_config(load_config(path))
+    for key, value in overrides.items():
+        config[key] = config[key] | value if isinstance(value, dict) else value
+    config["output_dir"], config["storage"] = str(out), None
+    (out.parent / "smoke.yaml").write_text(yaml.safe_dump(config), encoding="utf-8")
+    if study_main(["run", str(out.parent / "smoke.yaml"), "--no-progress"]) != 0:
+        raise SystemExit("the smoke study failed")
+    return out
 
 
 def result_masks(data, targets: list[float] | None) -> dict[float, dict[str, list[str]]]:
@@ -45,11 +73,24 @@ def larger_sample(config, sequences: int, seed: int) -> list:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("study_dir", type=Path)
+    parser.add_argument("study_dir", type=Path, nargs="?", help="a study's directory (required without --smoke)")
     parser.add_argument("--sequences", type=int, default=128, help="windows in the larger calibration sample")
     parser.add_argument("--seed", type=int, default=7, help="seed of the larger sample (the study's is another)")
     parser.add_argument("--targets", type=float, nargs="+", help="only these targets (default: all)")
+    parser.add_argument("--smoke", action="store_true", help="seconds: the sizes of SMOKE (study: SMOKE_STUDY)")
     args = parser.parse_args(argv)
+    if args.smoke:
+        args = argparse.Namespace(**(vars(args) | SMOKE))
+        if args.study_dir is None:
+            with tempfile.TemporaryDirectory() as tmp:
+                return rescore(args, smoke_study(Path(tmp) / "study"))
+    if args.study_dir is None:
+        parser.error("the study directory is required (or --smoke)")
+    return rescore(args, args.study_dir)
+
+
+def rescore(args: argparse.Namespace, study_dir: Path) -> int:
+    """Print one table per target: the study's result masks re-scored on the larger sample."""
 
     import torch
 
@@ -60,8 +101,8 @@ def main(argv: list[str] | None = None) -> int:
     from surgery.cli import load_checked
     from surgery.mask import KeepMask
 
-    data = read_study(args.study_dir)
-    config = load_config(args.study_dir / "config.yaml")
+    data = read_study(study_dir)
+    config = load_config(study_dir / "config.yaml")
     if config.model.threads:
         torch.set_num_threads(config.model.threads)
     model, tokenizer = load_checked(model_source(config)[0], dtype=config.model.dtype, device=config.model.device)
@@ -72,8 +113,9 @@ def main(argv: list[str] | None = None) -> int:
     extra = list(data.extra_heldout)
     for target, masks in sorted(result_masks(data, args.targets).items()):
         print(f"\n## {target:g} removed: {config.objective} on {sequences} x {config.calibration.seq_len} tokens\n")
-        print(f"| strategies | study {config.objective} | {config.objective} x{sequences} | held-out ppl | "
-              + " | ".join(extra) + " | s |")
+        header = ["strategies", f"study {config.objective}", f"{config.objective} x{sequences}", "held-out ppl",
+                  *extra, "s"]
+        print("| " + " | ".join(header) + " |")
         print("|---" * (5 + len(extra)) + "|")
         for mask, tags in masks.items():
             started = time.perf_counter()

@@ -1,6 +1,7 @@
 """Greedy FinerCut with the plain loop (one full forward per candidate) versus the fast engine, same calibration.
 
     python benchmarks/greedy_engine.py --repeats 3
+    python benchmarks/greedy_engine.py --smoke     # seconds: the small sizes of SMOKE, one repeat
 
 For each model (the bundled tinystories-l12 and a random-weight Llama of ``--big-layers`` x ``--big-hidden``), the
 ``greedy_finercut`` strategy runs through a SearchContext four ways: ``plain`` (MaskScorer per candidate),
@@ -27,6 +28,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 ASSETS = ROOT / "studies" / "assets"
 MODES = ("plain", "exact", "raced", "staged")
+# --smoke: these sizes replace the given ones (the models chosen are kept; `big` shrinks to 4 x 64)
+SMOKE = {"repeats": 1, "targets": [0.25], "sequences": 2, "seq_len": 32, "big_layers": 4, "big_hidden": 64}
 
 
 def _model(name: str, args):
@@ -85,33 +88,33 @@ def measure(name: str, mode: str, args) -> dict:
     return {
         "model": name, "mode": mode, "wall_s": wall, "cpu_s": cpu, "order": strategy.order,
         "masks": {format(t, "g"): str(m) for t, m in results.items()},
-        "sublayer_forwards": evaluator.counters.sublayer_forwards, "trials": len(study.trials),
+        "sublayer_forwards": evaluator.counters.sublayer_forwards, "trials": len(ctx.record.evaluations()),
         "peak_mb": peak, "base_mb": base_rss,
     }
 
 
 def _summary(name: str, runs: list[dict]) -> list[str]:
+    """One markdown table per model: each mode's medians against the plain loop's, and whether it agrees."""
     by = {mode: [r for r in runs if r["mode"] == mode] for mode in MODES}
     wall = {mode: statistics.median(r["wall_s"] for r in rs) for mode, rs in by.items()}
     cpu = {mode: statistics.median(r["cpu_s"] for r in rs) for mode, rs in by.items()}
+    peak = {mode: statistics.median(r["peak_mb"] for r in rs) for mode, rs in by.items()}
     plain = by["plain"][0]
-    lines = [f"{name}: plain wall {wall['plain']:.2f} s, CPU {cpu['plain']:.2f} s (medians of {len(by['plain'])}), "
-             f"removal order "
-             f"{[u[0] for u in plain['order']]}, masks {plain['masks']}"]
-    for mode in MODES[1:]:
+    lines = [f"{name}: medians of {len(by['plain'])}; plain removal order {[u[0] for u in plain['order']]}, "
+             f"masks {plain['masks']}", "",
+             "| mode | wall s | wall ratio | CPU s | CPU ratio | sublayer forwards | forward ratio | trials "
+             "| peak RSS MB | same order | same masks |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for mode in MODES:
         run = by[mode][0]
         same_order = all(r["order"] == plain["order"] for r in by[mode])
         same_masks = all(r["masks"] == plain["masks"] for r in by[mode])
         lines.append(
-            f"  {mode:6s}: wall {wall[mode]:.2f} s, ratio {wall[mode] / wall['plain']:.3f}; CPU {cpu[mode]:.2f} s, "
-            f"ratio {cpu[mode] / cpu['plain']:.3f}; sublayer forwards "
-            f"{run['sublayer_forwards']} / {plain['sublayer_forwards']} = "
-            f"{run['sublayer_forwards'] / plain['sublayer_forwards']:.3f}; trials {run['trials']} / {plain['trials']}; "
-            f"peak RSS {statistics.median(r['peak_mb'] for r in by[mode]):.0f} MB vs "
-            f"{statistics.median(r['peak_mb'] for r in by['plain']):.0f} MB; same order {same_order}; "
-            f"same masks {same_masks}"
-        )
-    return lines
+            f"| {mode} | {wall[mode]:.2f} | {wall[mode] / wall['plain']:.3f} | {cpu[mode]:.2f} "
+            f"| {cpu[mode] / cpu['plain']:.3f} | {run['sublayer_forwards']} "
+            f"| {run['sublayer_forwards'] / plain['sublayer_forwards']:.3f} | {run['trials']} | {peak[mode]:.0f} "
+            f"| {same_order} | {same_masks} |")
+    return lines + [""]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -132,20 +135,30 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", help="also write every run as JSON here")
-    return parser.parse_args(argv)
+    parser.add_argument("--smoke", action="store_true", help="seconds: the sizes of SMOKE, one repeat")
+    args = parser.parse_args(argv)
+    return argparse.Namespace(**(vars(args) | SMOKE)) if args.smoke else args
+
+
+def _measured(args):
+    """Every (model, repeat, mode) run in turn, each in a fresh spawned process (smoke: all in this one)."""
+    jobs = [(name, mode) for name in args.models.split(",") for _ in range(args.repeats) for mode in MODES]
+    if args.smoke:
+        yield from (measure(name, mode, args) for name, mode in jobs)
+        return
+    with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn"), max_tasks_per_child=1) as pool:
+        yield from (pool.submit(measure, name, mode, args).result() for name, mode in jobs)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     runs = []
-    with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn"), max_tasks_per_child=1) as pool:
-        for name in args.models.split(","):
-            for repeat in range(args.repeats):
-                for mode in MODES:
-                    runs.append(pool.submit(measure, name, mode, args).result())
-                    print(f"{name} repeat {repeat} {mode}: wall {runs[-1]['wall_s']:.2f} s, "
-                          f"CPU {runs[-1]['cpu_s']:.2f} s", file=sys.stderr, flush=True)
-            print("\n".join(_summary(name, [r for r in runs if r["model"] == name])), flush=True)
+    for run in _measured(args):
+        runs.append(run)
+        print(f"{run['model']} {run['mode']}: wall {run['wall_s']:.2f} s, CPU {run['cpu_s']:.2f} s",
+              file=sys.stderr, flush=True)
+        if len(runs) % (args.repeats * len(MODES)) == 0:  # the model's last run
+            print("\n".join(_summary(run["model"], [r for r in runs if r["model"] == run["model"]])), flush=True)
     if args.json:
         from surgery.files import atomic_write_text
 

@@ -3,6 +3,7 @@
     python benchmarks/independent_ppl.py --text wiki_valid=PATH.tokens --text stories_train=PATH.txt \
         --model dense=studies/assets/models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf \
         --model evo25=runs/smollm2-135m/exports/evolutionary-0.25 ...
+    python benchmarks/independent_ppl.py --smoke     # seconds: the sizes of SMOKE; model and text as in SMOKE_INPUTS
 
 Each model is loaded with ``AutoModelForCausalLM.from_pretrained`` (``gguf_file=`` for a .gguf, remote code for a
 pruned export, as a user of the export would), each text is tokenized once and cut into ``--windows`` consecutive
@@ -19,6 +20,12 @@ from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+# --smoke: these sizes replace the given ones; SMOKE_INPUTS stand in for --model / --text when they are not given
+SMOKE = {"windows": 2, "seq_len": 32, "batch_size": 2}
+SMOKE_INPUTS = {"model": [f"stories260k={ROOT / 'studies/assets/models/stories260k'}"],
+                "text": [f"tinystories_valid={ROOT / 'studies/assets/text/tinystories_valid.txt'}"]}
 
 
 def load(path: str, dtype: torch.dtype):
@@ -52,17 +59,29 @@ def perplexity(model, batch: torch.Tensor, batch_size: int) -> float:
     return math.exp(total / count)
 
 
-def main() -> None:
+def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", action="append", required=True, help="NAME=PATH (a .gguf file or a model folder)")
-    parser.add_argument("--text", action="append", required=True, help="NAME=PATH of a plain-text file")
+    parser.add_argument("--model", action="append", help="NAME=PATH (a .gguf file or a model folder)")
+    parser.add_argument("--text", action="append", help="NAME=PATH of a plain-text file")
     parser.add_argument("--windows", type=int, default=32)
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--dtype", default="bfloat16", choices=("float32", "bfloat16"))
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--json", help="write the numbers here")
-    args = parser.parse_args()
+    parser.add_argument("--smoke", action="store_true", help="seconds: the sizes of SMOKE (inputs: SMOKE_INPUTS)")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        given = vars(args)
+        args = argparse.Namespace(**(given | {k: v for k, v in SMOKE_INPUTS.items() if not given[k]} | SMOKE))
+    for flag in ("model", "text"):
+        if not getattr(args, flag):
+            parser.error(f"--{flag} is required (or --smoke)")
+    return args
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     texts = dict(item.split("=", 1) for item in args.text)

@@ -6,6 +6,7 @@ Reports predicted vs measured prefill/decode milliseconds with the error, and fo
 the prefill FLOPs the measured speedup against the FLOP-proportional one.
 
     python benchmarks/latency.py --threads 1 --out benchmarks/RESULTS-latency.md
+    python benchmarks/latency.py --smoke     # seconds: the sizes of SMOKE, one repeat
 """
 
 from __future__ import annotations
@@ -39,6 +40,11 @@ MODELS = {
         "batch_size": 1, "seq_len": 256,
     },
 }
+
+# --smoke: these sizes replace the given ones and each model's (the models chosen are kept; the random one shrinks)
+SMOKE = {"repeats": 1, "warmup": 0, "context": 16, "decode_steps": 2, "batch_size": 1, "seq_len": 16,
+         "config": dict(num_hidden_layers=4, hidden_size=64, intermediate_size=172, num_attention_heads=4,
+                        num_key_value_heads=2, vocab_size=512, max_position_embeddings=64)}
 
 
 def build(spec: dict):
@@ -88,10 +94,12 @@ def measure(models: dict, settings: LatencySettings) -> dict[str, dict[str, floa
 
 
 def run_model(name: str, spec: dict, args) -> dict:
+    if args.smoke:
+        spec = spec | {key: value for key, value in SMOKE.items() if key in spec}
     model, tokenizer = build(spec)
     settings = LatencySettings.from_mapping(
         {"batch_size": spec["batch_size"], "seq_len": spec["seq_len"], "context": args.context,
-         "warmup": args.warmup, "repeats": args.repeats}
+         "warmup": args.warmup, "repeats": args.repeats, "decode_steps": args.decode_steps}
     )
     start = time.time()
     profile = profile_model(model, settings)
@@ -167,8 +175,12 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--context", type=int, default=256)
+    parser.add_argument("--decode-steps", type=int, default=8, help="decode steps per timed repeat")
     parser.add_argument("--out", default=None, help="write the markdown table here")
+    parser.add_argument("--smoke", action="store_true", help="seconds: the sizes of SMOKE, one repeat")
     args = parser.parse_args(argv)
+    if args.smoke:
+        args = argparse.Namespace(**(vars(args) | {k: v for k, v in SMOKE.items() if k in vars(args)}))
     torch.set_num_threads(args.threads)
     results = [run_model(name, MODELS[name], args) for name in args.models.split(",")]
     command = "python benchmarks/latency.py " + shlex.join(sys.argv[1:] if argv is None else argv)

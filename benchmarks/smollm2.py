@@ -14,7 +14,9 @@ bfloat16 for the second copy. Calibration is WikiText-2 (first half of ``wikitex
    ``--engine-dtype``, per ``--modes``: ``plain`` (MaskScorer per candidate), ``exact`` (prefix reuse, every
    candidate finished), ``raced`` (exact racing), ``staged`` (all candidates on ``--stage-sequences``, the best
    ``--stage-keep`` finished). Modes are interleaved (order rotated per repeat); every run gets a fresh engine.
-Prints medians and ratios; ``--json`` also writes every measurement.
+Prints medians and ratios as markdown tables; ``--json`` also writes every measurement.
+
+    python benchmarks/smollm2.py --smoke     # seconds: stories260k unless --model is given, the sizes of SMOKE
 """
 
 from __future__ import annotations
@@ -33,6 +35,10 @@ ASSETS = ROOT / "studies" / "assets"
 MODEL = ASSETS / "models" / "smollm2-135m-instruct" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 TEXT = ASSETS / "text" / "wikitext2_test.raw"
 MODES = ("plain", "exact", "raced", "staged")
+# --smoke: these sizes replace the given ones; without --model, the bundled stories260k stands in for the GGUF
+SMOKE = {"repeats": 1, "sequences": 2, "seq_len": 32, "rank_masks": 3, "steps": 1, "engine_sequences": 2,
+         "engine_seq_len": 32}
+SMOKE_MODEL = ASSETS / "models" / "stories260k"
 
 
 def load(args):
@@ -165,20 +171,19 @@ def engine_part(model, tokenizer, args) -> list[dict]:
 
 def dtype_summary(out: dict) -> list[str]:
     med = {key: {d: statistics.median(v) for d, v in out[key].items()} for key in ("wall", "cpu")}
-    f32, b16 = out["kl"]["float32"], out["kl"]["bfloat16"]
     rank = out["ranking"]
-    return [
-        f"dtype: mask {out['mask']}; MaskScorer.score wall fp32 {med['wall']['float32']:.2f} s, bf16 "
-        f"{med['wall']['bfloat16']:.2f} s, bf16/fp32 {med['wall']['bfloat16'] / med['wall']['float32']:.3f}; "
-        f"CPU bf16/fp32 {med['cpu']['bfloat16'] / med['cpu']['float32']:.3f} "
-        f"(medians of {len(out['wall']['float32'])})",
-        f"  KL fp32 {f32:.6g}, bf16 {b16:.6g}, relative difference {abs(b16 - f32) / abs(f32):.3%}; "
-        f"reference (dense) fp32 {out['reference_s']['float32']:.2f} s, bf16 {out['reference_s']['bfloat16']:.2f} s",
-        f"  {len(rank['float32'])} single removals: Spearman {rank['spearman']:.3f}, "
-        f"same argmin {rank['same_argmin']}, max relative KL difference {rank['max_rel_diff']:.3%}",
-        f"  fp32 KL {[round(v, 4) for v in rank['float32']]}",
-        f"  bf16 KL {[round(v, 4) for v in rank['bfloat16']]}",
-    ]
+    lines = [f"dtype: mask {out['mask']}, medians of {len(out['wall']['float32'])}; {len(rank['float32'])} single "
+             f"removals ranked: Spearman {rank['spearman']:.3f}, same argmin {rank['same_argmin']}, max relative KL "
+             f"difference {rank['max_rel_diff']:.3%}", "",
+             "| dtype | score wall s | score CPU s | KL of the mask | reference s | single-removal KL |",
+             "|---|---|---|---|---|---|"]
+    for name in ("float32", "bfloat16"):
+        lines.append(f"| {name} | {med['wall'][name]:.2f} | {med['cpu'][name]:.2f} | {out['kl'][name]:.6g} "
+                     f"| {out['reference_s'][name]:.2f} | {[round(v, 4) for v in rank[name]]} |")
+    f32, b16 = out["kl"]["float32"], out["kl"]["bfloat16"]
+    return lines + [f"bf16/fp32 wall {med['wall']['bfloat16'] / med['wall']['float32']:.3f}, CPU "
+                    f"{med['cpu']['bfloat16'] / med['cpu']['float32']:.3f}; KL relative difference "
+                    f"{abs(b16 - f32) / abs(f32):.3%}", ""]
 
 
 def _step_medians(runs: list[dict], key: str) -> list[float]:
@@ -190,28 +195,28 @@ def engine_summary(runs: list[dict], modes: list[str]) -> list[str]:
     wall = {m: _step_medians(rs, "step_wall") for m, rs in by.items()}
     cpu = {m: _step_medians(rs, "step_cpu") for m, rs in by.items()}
     plain = by["plain"][0]
-    lines = [f"engine: plain per step wall {[round(s, 2) for s in wall['plain']]} s, CPU "
-             f"{[round(s, 2) for s in cpu['plain']]} s (medians of {len(by['plain'])}); order {plain['order']}"]
-    for mode in modes[1:]:
+    lines = [f"engine: medians of {len(by['plain'])}; plain order {plain['order']}", "",
+             "| mode | step wall s | wall ratios | CPU ratios | CPU total ratio | sublayer-forward ratio | finished "
+             "| same order | max abs(value - plain) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for mode in modes:
         run = by[mode][0]
         diff = max(abs(r["values"][m] - plain["values"][m]) for r in by[mode] for m in r["values"]
                    if m in plain["values"])  # masks both evaluated
         same = all(r["order"] == plain["order"] for r in by[mode])
         lines.append(
-            f"  {mode:6s}: per step wall {[round(s, 2) for s in wall[mode]]} s, ratios "
-            f"{[round(s / p, 3) for s, p in zip(wall[mode], wall['plain'])]}; CPU ratios "
-            f"{[round(s / p, 3) for s, p in zip(cpu[mode], cpu['plain'])]}, "
-            f"total {sum(cpu[mode]) / sum(cpu['plain']):.3f}; "
-            f"sublayer forwards ratio {run['sublayer_forwards'] / plain['sublayer_forwards']:.3f}; finished "
-            f"{len(run['values'])} / {len(plain['values'])}; same order {same}"
-            + ("" if same else f" ({run['order']})") + f"; max |value - plain| {diff:.3g}"
-        )
-    return lines
+            f"| {mode} | {[round(s, 2) for s in wall[mode]]} "
+            f"| {[round(s / p, 3) for s, p in zip(wall[mode], wall['plain'])]} "
+            f"| {[round(s / p, 3) for s, p in zip(cpu[mode], cpu['plain'])]} | {sum(cpu[mode]) / sum(cpu['plain']):.3f} "
+            f"| {run['sublayer_forwards'] / plain['sublayer_forwards']:.3f} "
+            f"| {len(run['values'])} / {len(plain['values'])} | {same}" + ("" if same else f" ({run['order']})")
+            + f" | {diff:.3g} |")
+    return lines + [""]
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", type=Path, default=MODEL, help="the .gguf file")
+    parser.add_argument("--model", type=Path, default=None, help=f"the .gguf file (default {MODEL.name})")
     parser.add_argument("--parts", default="dtype,engine", help="comma list: dtype, engine")
     parser.add_argument("--repeats", type=int, default=5, help="dtype part: timed evaluations per dtype")
     parser.add_argument("--sequences", type=int, default=4, help="dtype part: calibration sequences")
@@ -232,7 +237,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=2, help="micro-batch (sequences per forward)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", help="also write every measurement as JSON here")
+    parser.add_argument("--smoke", action="store_true", help="seconds: the sizes of SMOKE (model: SMOKE_MODEL)")
     args = parser.parse_args(argv)
+    if args.smoke:
+        args = argparse.Namespace(**(vars(args) | SMOKE))
+    args.model = args.model or (SMOKE_MODEL if args.smoke else MODEL)
     if args.modes[0] != "plain" or not set(args.modes) <= set(MODES):
         parser.error(f"--modes must start with plain and name only {', '.join(MODES)}: {','.join(args.modes)}")
     return args

@@ -1,0 +1,79 @@
+"""Every benchmark script runs: ``python benchmarks/<name>.py --smoke`` exits 0 and prints a markdown table.
+
+The convention, for every ``benchmarks/*.py`` (found by glob, so a new script is covered without editing this file):
+- it is a script with a ``--smoke`` flag: a tiny model (a bundled one, or a random one of a few layers), one
+  repeat, a few seconds; sizes given on the command line are replaced by the smoke sizes, paths are kept, and
+  inputs it needs but was not given have smoke defaults (a temporary directory for what it writes);
+- its result is a markdown table on stdout (a ``| ... |`` header row followed by a ``|---|`` row);
+- a smoke run that cannot run on this machine (it needs something the repository does not ship) exits 77 with
+  ``skip: <reason>`` as its last line on stderr; the test then skips with that reason, except under ``CI``.
+The scripts run side by side in subprocesses (real models, no mocks), once per session.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPTS = sorted((ROOT / "benchmarks").glob("*.py"))
+SKIP_CODE = 77
+TIMEOUT_S = 600
+TABLE = re.compile(r"^\|.*\|\n\|(\s*:?-+:?\s*\|)+$", re.MULTILINE)
+
+
+def script_env() -> dict[str, str]:
+    """The environment of a command run by the tests: offline, this interpreter's ``bin`` first on PATH."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1",
+               TOKENIZERS_PARALLELISM="false", PYTHONUNBUFFERED="1")
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    return env
+
+
+@pytest.fixture(scope="session")
+def smoke_runs(tmp_path_factory) -> dict[str, tuple[subprocess.CompletedProcess, float]]:
+    """script name -> (its finished ``--smoke`` run, wall seconds); every script started at once."""
+    cwd = tmp_path_factory.mktemp("smoke")
+    started = {p.name: (subprocess.Popen([sys.executable, str(p), "--smoke"], cwd=cwd, env=script_env(), text=True,
+                                         stdout=subprocess.PIPE, stderr=subprocess.PIPE), time.perf_counter())
+               for p in SCRIPTS}
+    runs = {}
+    for name, (process, start) in started.items():
+        try:
+            out, err = process.communicate(timeout=TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            out, err = process.communicate()
+        runs[name] = (subprocess.CompletedProcess(process.args, process.returncode, out, err),
+                      time.perf_counter() - start)
+    return runs
+
+
+def skip_reason(run: subprocess.CompletedProcess) -> str | None:
+    """The reason a smoke run gave for skipping (exit 77, last stderr line ``skip: ...``), else None."""
+    lines = run.stderr.strip().splitlines()
+    if run.returncode == SKIP_CODE and lines and lines[-1].startswith("skip: "):
+        return lines[-1][len("skip: "):]
+    return None
+
+
+def test_the_benchmark_scripts_are_found():
+    assert {"greedy_engine.py", "latency.py", "independent_ppl.py", "oracle_study.py", "calibration_kl.py",
+            "smollm2.py"} <= {p.name for p in SCRIPTS}
+
+
+@pytest.mark.parametrize("script", [p.name for p in SCRIPTS])
+def test_smoke_run_prints_its_table(script, smoke_runs):
+    run, wall = smoke_runs[script]
+    reason = skip_reason(run)
+    if reason and not os.environ.get("CI"):
+        pytest.skip(reason)
+    assert "--smoke" in (ROOT / "benchmarks" / script).read_text(encoding="utf-8"), f"{script} has no --smoke mode"
+    assert run.returncode == 0, f"{script} --smoke exited {run.returncode} after {wall:.0f} s:\n{run.stderr[-4000:]}"
+    assert TABLE.search(run.stdout), f"{script} --smoke printed no markdown table:\n{run.stdout[-2000:]}"
