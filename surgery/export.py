@@ -1,11 +1,15 @@
-"""Export a pruned model: physical removal of the masked sublayers and a ``save_pretrained`` that loads exactly.
+"""Export a pruned model: physical removal of the masked sublayers, written in one of three formats.
 
-A mask that removes only whole layers exports as the family's own class (fewer layers, no custom code). Any
-other mask exports as ``DepthPruned<Family>ForCausalLM``: the family's class with the removed sublayers swapped
-for weightless stand-ins, its config carrying ``depth_pruning`` and an ``auto_map`` to a copy of
+``hf`` (default): a mask that removes only whole layers exports as the family's own class (fewer layers, no custom
+code). Any other mask exports as ``DepthPruned<Family>ForCausalLM``: the family's class with the removed sublayers
+swapped for weightless stand-ins, its config carrying ``depth_pruning`` and an ``auto_map`` to a copy of
 ``pruned_modeling.py`` written next to the weights, so ``trust_remote_code=True`` loads it without this package.
+``gguf``: one ``model.gguf`` for llama.cpp (``surgery.gguf_export``). ``decilm``: a DeciLM checkpoint with
+``block_configs`` for vLLM (``surgery.decilm_export``). Every format is one writer in ``WRITERS``; the directory,
+staging, model card and ownership record are shared.
 
     python -m surgery.export --model studies/assets/models/stories260k --mask "AM,A-,-M,AM,AM" --out pruned/
+    python -m surgery.export --model model.Q4_1.gguf --mask "AM,A-,-M,..." --format gguf --out pruned-gguf/
 """
 
 from __future__ import annotations
@@ -15,7 +19,9 @@ import copy
 import json
 import shutil
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from torch import nn
 
@@ -26,6 +32,7 @@ from .mask import KeepMask, sublayer_name
 from .masking import masked
 from .params import num_params
 from .cli import Parser, load_checked, run_cli
+from .formats import FORMATS, add_format_arguments
 
 MODULE_FILE = "pruned_modeling.py"
 
@@ -107,7 +114,34 @@ def check_target(out_dir: Path, force: bool, *, protect: tuple[tuple[str, Path],
     export_target.check_target(Path(out_dir), force, protect=protect)
 
 
-def _save(pruned: nn.Module, tokenizer, directory: Path) -> None:
+@dataclass(frozen=True)
+class ExportOptions:
+    """How to write an export: the format, and what the gguf writer needs besides the model."""
+
+    format: str = "hf"
+    outtype: str | None = None  # gguf from a transformers model: f16 (default), bf16 or q8_0
+    source_file: Path | None = None  # the .gguf file the model was loaded from: gguf copies its tensors
+
+    def __post_init__(self) -> None:
+        if self.format not in WRITERS:
+            raise ExportError(f"--format {self.format!r}: choose one of {', '.join(WRITERS)}")
+        if self.outtype is not None and self.format != "gguf":
+            raise ExportError(f"--outtype {self.outtype} applies to --format gguf only (got --format {self.format})")
+
+
+@dataclass
+class ExportJob:
+    """What a writer gets: the dense model, its pruned copy, the tokenizer, the mask and the options."""
+
+    model: nn.Module
+    pruned: nn.Module
+    tokenizer: object
+    mask: KeepMask
+    options: ExportOptions
+
+
+def _write_hf(job: ExportJob, directory: Path) -> str:
+    pruned = job.pruned
     partial = isinstance(getattr(pruned.config, "depth_pruning", None), dict)
     if partial:
         config_name = type(pruned.config).__name__
@@ -118,8 +152,29 @@ def _save(pruned: nn.Module, tokenizer, directory: Path) -> None:
     pruned.save_pretrained(directory)
     if partial:
         shutil.copyfile(Path(pruned_modeling.__file__), directory / MODULE_FILE)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(directory)
+    if job.tokenizer is not None:
+        job.tokenizer.save_pretrained(directory)
+    return f"class: `{type(pruned).__name__}`"
+
+
+def _write_gguf(job: ExportJob, directory: Path) -> str:
+    from .gguf_export import FILE_NAME, write_gguf
+
+    arch = write_gguf(job.model, job.tokenizer, job.mask, directory, source_file=job.options.source_file,
+                      outtype=job.options.outtype)
+    how = "tensors copied from the source file" if job.options.source_file else (job.options.outtype or "f16")
+    return f"format: GGUF `{FILE_NAME}`, llama.cpp architecture `{arch}` ({how})"
+
+
+def _write_decilm(job: ExportJob, directory: Path) -> str:
+    from .decilm_export import write_decilm
+
+    write_decilm(job.pruned, job.tokenizer, job.mask, directory)
+    return "format: DeciLM checkpoint (`DeciLMForCausalLM`, `block_configs`)"
+
+
+WRITERS: dict[str, Callable[[ExportJob, Path], str]] = {"hf": _write_hf, "gguf": _write_gguf, "decilm": _write_decilm}
+assert tuple(WRITERS) == FORMATS
 
 
 def export_pruned(
@@ -132,10 +187,12 @@ def export_pruned(
     metrics: dict | None = None,
     force: bool = False,
     protect: tuple[tuple[str, Path], ...] = (),
+    options: ExportOptions | None = None,
 ) -> Path:
     """Write the pruned model, tokenizer and a model card to ``out_dir`` atomically; ``model`` is left unchanged.
     ``force`` replaces only a previous export (see ``surgery.export_target``); ``protect`` names paths (the source
-    model, a study) that ``out_dir`` must neither be nor hold."""
+    model, a study) that ``out_dir`` must neither be nor hold; ``options`` picks the format (default hf)."""
+    options = options or ExportOptions()
     out_dir = Path(out_dir)
     check_target(out_dir, force, protect=protect)
     family = family_for(model.config)
@@ -145,27 +202,38 @@ def export_pruned(
     with masked(model, KeepMask.dense(layers)):  # a runtime mask left applied (by a scorer) must not leak in
         counts = {"dense_params": num_params(model)}
         pruned = prune_model(copy.deepcopy(model), mask)
-    counts["pruned_params"] = num_params(pruned)
-    export_target.clean_leftovers(out_dir)
-    staging = export_target.staging_dir(out_dir)
-    try:
-        _save(pruned, tokenizer, staging)
-        card = model_card(mask, source, counts, metrics, type(pruned).__name__)
-        (staging / "README.md").write_text(card, encoding="utf-8")
-        export_target.write_marker(staging, {"tool": "depthsearch", "mask": str(mask), "source": source})
-        export_target.install(staging, out_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+        counts["pruned_params"] = num_params(pruned)
+        export_target.clean_leftovers(out_dir)
+        staging = export_target.staging_dir(out_dir)
+        try:
+            what = WRITERS[options.format](ExportJob(model, pruned, tokenizer, mask, options), staging)
+            card = model_card(mask, source, counts, metrics, what, options.format)
+            (staging / "README.md").write_text(card, encoding="utf-8")
+            export_target.write_marker(staging, {"tool": "depthsearch", "mask": str(mask), "source": source,
+                                                 "format": options.format})
+            export_target.install(staging, out_dir)
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
     return out_dir
 
 
-def model_card(mask: KeepMask, source: str, counts: dict, metrics: dict | None, class_name: str) -> str:
+_USAGE = {
+    "gguf": ["```", "llama-server -m <this directory>/model.gguf", "```"],
+    "decilm": ["```", "vllm serve <this directory> --trust-remote-code", "```", "", "```python",
+               "from transformers import AutoModelForCausalLM",
+               'model = AutoModelForCausalLM.from_pretrained("<this directory>", trust_remote_code=True)', "```"],
+}
+
+
+def model_card(mask: KeepMask, source: str, counts: dict, metrics: dict | None, what: str,
+               format: str = "hf") -> str:
     """README.md of an export: where it comes from, what was removed, how big it is, what it scored."""
     removed = ", ".join(sublayer_name(i) for i in mask.removed) or "nothing"
     share = 1 - counts["pruned_params"] / counts["dense_params"]
+    library = "transformers" if format == "hf" else {"gguf": "gguf", "decilm": "vllm"}[format]
     lines = [
-        "---", "library_name: transformers", "tags: [depth-pruning, depthsearch]", "---", "",
+        "---", f"library_name: {library}", "tags: [depth-pruning, depthsearch]", "---", "",
         f"# Depth-pruned {source or 'model'}", "",
         f"- source model: `{source or 'unknown'}`",
         f"- keep-mask: `{mask}` ({mask.num_layers} layers; A = attention kept, M = FFN kept, - = removed)",
@@ -173,11 +241,13 @@ def model_card(mask: KeepMask, source: str, counts: dict, metrics: dict | None, 
         f"({mask.removed_attn} attention, {mask.removed_ffn} FFN; whole layers {list(mask.removed_layers)})",
         f"- removed (0-based): {removed}",
         f"- parameters: {counts['pruned_params']:,} of {counts['dense_params']:,} ({share:.1%} removed)",
-        f"- class: `{class_name}`",
+        f"- {what}",
     ]
     if metrics:
         lines += ["", "| metric | value |", "|---|---|"]
         lines += [f"| {k} | {v:.6g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in metrics.items()]
+    if format in _USAGE:
+        return "\n".join(lines + ["", *_USAGE[format], ""])
     load = "" if mask.whole_layers_only else ", trust_remote_code=True"
     lines += ["", "```python", "from transformers import AutoModelForCausalLM",
               f'model = AutoModelForCausalLM.from_pretrained("<this directory>"{load})', "```", ""]
@@ -193,24 +263,43 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", required=True, help="export directory (must be absent or empty unless --force)")
     parser.add_argument("--dtype", default="float32", help="float32 (default), bfloat16 or float16")
     parser.add_argument("--force", action="store_true", help="replace a previous export at --out")
+    add_format_arguments(parser)
     parser.add_argument("--trust-remote-code", action="store_true",
                         help="allow a model folder that ships its own Python code (auto_map) to run it")
     return parser
+
+
+def export_options(args: argparse.Namespace, model_name: str) -> ExportOptions:
+    """The options of ``--format`` / ``--outtype`` for a model loaded from ``model_name``."""
+    from .gguf_source import is_gguf
+
+    format, outtype = getattr(args, "format", "hf"), getattr(args, "outtype", None)
+    source_file = Path(model_name).expanduser() if format == "gguf" and is_gguf(model_name) else None
+    return ExportOptions(format, outtype, source_file)
+
+
+def describe(out: Path) -> str:
+    """One line naming what an export directory holds."""
+    config_file = out / "config.json"
+    if config_file.is_file():
+        return json.loads(config_file.read_text())["architectures"][0]
+    return f"GGUF {out / 'model.gguf'}"
 
 
 def run(args: argparse.Namespace) -> Path:
     from .load import looks_local
 
     mask = KeepMask.parse(args.mask)  # syntax errors before the (slow) model load
+    options = export_options(args, args.model)
     source = Path(args.model).expanduser() if looks_local(args.model) else None
     protect = (("the source model", source),)
     check_target(Path(args.out), args.force, protect=protect)
     model, tokenizer = load_checked(args.model, dtype=args.dtype, device="cpu",
                                     trust_remote_code=args.trust_remote_code)
-    out = export_pruned(model, tokenizer, mask, args.out, source=args.model, force=args.force, protect=protect)
-    config = json.loads((out / "config.json").read_text())
+    out = export_pruned(model, tokenizer, mask, args.out, source=args.model, force=args.force, protect=protect,
+                        options=options)
     card = (out / "README.md").read_text().splitlines()
-    print(f"exported {config['architectures'][0]} to {out}")
+    print(f"exported {describe(out)} to {out}")
     print(f"kept {len(mask.kept)} / removed {mask.num_removed} of {len(mask.bits)} sublayers "
           f"({mask.removed_attn} attention, {mask.removed_ffn} FFN)")
     print(next(line for line in card if line.startswith("- parameters:"))[2:])

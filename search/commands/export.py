@@ -67,7 +67,7 @@ def main(args: argparse.Namespace) -> int:
     from search.config import model_source
     from search.studydir import study_model
     from surgery.cli import load_checked
-    from surgery.export import check_target, export_pruned
+    from surgery.export import check_target, export_options, export_pruned
     from surgery.mask import KeepMask
 
     study_dir = Path(args.study_dir)
@@ -75,6 +75,7 @@ def main(args: argparse.Namespace) -> int:
     _, _, config = load_study_dir(study_dir)
     name, trust = study_model(study_dir, config, data.meta, trust_remote_code=args.trust_remote_code)
     best = select(data, max_params=args.max_params, max_removed=args.max_removed, objective=args.objective)
+    options = export_options(args, name)
     local = model_source(config)[1]
     protect = (("the study", study_dir), ("the source model", Path(name) if local else None))
     check_target(Path(args.out), args.force, protect=protect)  # before the model is loaded
@@ -83,11 +84,12 @@ def main(args: argparse.Namespace) -> int:
                                                     "removed_ffn", *data.meta["dense"]) if key in best}
     metrics.update(calibration_objective=data.meta["objective"], study=str(args.study_dir))
     out = export_pruned(model, tokenizer, KeepMask.parse(best["mask"]), Path(args.out),
-                        source=config.model.name, metrics=metrics, force=args.force, protect=protect)
+                        source=config.model.name, metrics=metrics, force=args.force, protect=protect,
+                        options=options)
     ppl = "-" if pd.isna(best[PRIMARY_COLUMN]) else f"{best[PRIMARY_COLUMN]:.4g}"
     size = int(best['params']) if 'params' in best else '?'
     print(f"exported {best['mask']} (found by {best['strategy']}, {size} params, "
-          f"held-out ppl {ppl}) to {out}")
+          f"held-out ppl {ppl}) to {out} as {args.format}")
     return 0
 
 

@@ -1,0 +1,18 @@
+"""The export formats and their command-line flags (no torch import: ``--help`` stays fast)."""
+
+from __future__ import annotations
+
+import argparse
+
+FORMATS = ("hf", "gguf", "decilm")
+GGUF_OUTTYPES = ("f16", "bf16", "q8_0")
+
+
+def add_format_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--format`` and ``--outtype``, shared by ``python -m surgery.export`` and ``python -m search.study export``."""
+    parser.add_argument("--format", default="hf", choices=FORMATS,
+                        help="hf: transformers checkpoint (default); gguf: one model.gguf for llama.cpp; "
+                             "decilm: DeciLM checkpoint with block_configs for vLLM")
+    parser.add_argument("--outtype", default=None, choices=GGUF_OUTTYPES,
+                        help="--format gguf from a transformers model: weight type (default f16); a .gguf "
+                             "source keeps its own quantization")
