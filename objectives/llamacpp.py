@@ -189,3 +189,15 @@ def llamacpp_profile(measured: Mapping[str, Mapping[str, float]], masks: Mapping
         profile.phases[phase] = PhaseProfile(phase, shape, fixed, [attention, ffn] * layers, dense, dense,
                                              settings.repeats, settings.warmup)
     return profile
+
+
+def require_for_script(smoke: bool) -> None:
+    """For benchmark scripts: without llama-cpp-python a ``--smoke`` run skips (exit 77, ``skip: ...``) and a full
+    run stops with one message (exit 2)."""
+    try:
+        llama_cpp()
+    except LlamaCppError as error:
+        import sys
+
+        print(f"skip: {error}" if smoke else f"error: {error}", file=sys.stderr)
+        sys.exit(77 if smoke else 2)

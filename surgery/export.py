@@ -203,18 +203,47 @@ def export_pruned(
         counts = {"dense_params": num_params(model)}
         pruned = prune_model(copy.deepcopy(model), mask)
         counts["pruned_params"] = num_params(pruned)
-        export_target.clean_leftovers(out_dir)
-        staging = export_target.staging_dir(out_dir)
-        try:
-            what = WRITERS[options.format](ExportJob(model, pruned, tokenizer, mask, options), staging)
-            card = model_card(mask, source, counts, metrics, what, options.format)
-            (staging / "README.md").write_text(card, encoding="utf-8")
-            export_target.write_marker(staging, {"tool": "depthsearch", "mask": str(mask), "source": source,
-                                                 "format": options.format})
-            export_target.install(staging, out_dir)
-        except BaseException:
-            shutil.rmtree(staging, ignore_errors=True)
-            raise
+        job = ExportJob(model, pruned, tokenizer, mask, options)
+        return _install(out_dir, lambda staging: WRITERS[options.format](job, staging), mask=mask, source=source,
+                        counts=counts, metrics=metrics, format=options.format)
+
+
+def export_gguf_file(source_file: str | Path, mask: KeepMask | str, out_dir: str | Path, *, source: str = "",
+                     metrics: dict | None = None, force: bool = False,
+                     protect: tuple[tuple[str, Path], ...] = ()) -> Path:
+    """``--format gguf`` from a ``.gguf`` file without loading the model: the kept tensors are copied as they are
+    (what ``export_pruned`` with ``ExportOptions("gguf", source_file=...)`` writes, in seconds and without the
+    dequantized model in memory). Parameter counts are the files' tensor sizes (the zero stand-ins not counted)."""
+    from .gguf_export import FILE_NAME, copy_from_gguf, parameter_counts
+
+    out_dir = Path(out_dir)
+    check_target(out_dir, force, protect=protect)
+    counts, layers = parameter_counts(Path(source_file), mask)
+    mask = KeepMask.parse(mask, layers) if isinstance(mask, str) else mask
+
+    def write(staging: Path) -> str:
+        arch = copy_from_gguf(Path(source_file), mask, staging / FILE_NAME)
+        return f"format: GGUF `{FILE_NAME}`, llama.cpp architecture `{arch}` (tensors copied from the source file)"
+
+    return _install(out_dir, write, mask=mask, source=source or str(source_file), counts=counts, metrics=metrics,
+                    format="gguf")
+
+
+def _install(out_dir: Path, write: Callable[[Path], str], *, mask: KeepMask, source: str, counts: dict,
+             metrics: dict | None, format: str) -> Path:
+    """Stage the export (``write`` fills the folder and says what it wrote), add card and ownership record, and
+    move it into place; a failure leaves nothing behind."""
+    export_target.clean_leftovers(out_dir)
+    staging = export_target.staging_dir(out_dir)
+    try:
+        what = write(staging)
+        (staging / "README.md").write_text(model_card(mask, source, counts, metrics, what, format), encoding="utf-8")
+        export_target.write_marker(staging, {"tool": "depthsearch", "mask": str(mask), "source": source,
+                                             "format": format})
+        export_target.install(staging, out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     return out_dir
 
 
@@ -294,10 +323,17 @@ def run(args: argparse.Namespace) -> Path:
     source = Path(args.model).expanduser() if looks_local(args.model) else None
     protect = (("the source model", source),)
     check_target(Path(args.out), args.force, protect=protect)
-    model, tokenizer = load_checked(args.model, dtype=args.dtype, device="cpu",
-                                    trust_remote_code=args.trust_remote_code)
-    out = export_pruned(model, tokenizer, mask, args.out, source=args.model, force=args.force, protect=protect,
-                        options=options)
+    if options.source_file is not None:
+        if options.outtype is not None:
+            raise ExportError(f"--outtype {options.outtype}: a .gguf source ({args.model}) keeps its own "
+                              "quantization (its tensors are copied as they are); leave --outtype out")
+        out = export_gguf_file(options.source_file, mask, args.out, source=args.model, force=args.force,
+                               protect=protect)
+    else:
+        model, tokenizer = load_checked(args.model, dtype=args.dtype, device="cpu",
+                                        trust_remote_code=args.trust_remote_code)
+        out = export_pruned(model, tokenizer, mask, args.out, source=args.model, force=args.force, protect=protect,
+                            options=options)
     card = (out / "README.md").read_text().splitlines()
     print(f"exported {describe(out)} to {out}")
     print(f"kept {len(mask.kept)} / removed {mask.num_removed} of {len(mask.bits)} sublayers "

@@ -173,15 +173,40 @@ def _source_shape(reader, arch: str, path: Path) -> Shape:
     return Shape(heads, scalar("attention.head_count_kv", heads), scalar("feed_forward_length"), head_dim)
 
 
+def _llama_reader(source: Path):
+    """A GGUFReader of ``source``, refused unless its architecture is llama.cpp's ``llama``."""
+    from gguf import GGUFReader
+
+    from .gguf_source import read_header
+
+    read_header(source)  # a missing, truncated or foreign file: one message naming it
+    reader = GGUFReader(source)
+    arch = str(reader.get_field("general.architecture").contents())
+    if arch != "llama":
+        raise GgufExportError(f"--format gguf: {source} has architecture {arch!r}; its tensors can be "
+                              "copied only from a 'llama' GGUF file")
+    return reader
+
+
+def parameter_counts(source: Path, mask: KeepMask | str) -> tuple[dict[str, int], int]:
+    """({dense_params, pruned_params}, layers) of ``source`` pruned by ``mask``, from its tensor sizes."""
+    reader = _llama_reader(source)
+    layers = int(reader.get_field("llama.block_count").contents())
+    mask = KeepMask.parse(mask, layers) if isinstance(mask, str) else mask
+    mask.check_layers(layers)
+    out_index = {b.source: i for i, b in enumerate(blocks(mask))}
+    sizes = [(t.name, int(np.prod([int(x) for x in t.shape]))) for t in reader.tensors]
+    dense = sum(size for _, size in sizes)
+    pruned = sum(size for name, size in sizes if kept_tensor(name, out_index, mask) is not None)
+    return {"dense_params": dense, "pruned_params": pruned}, layers
+
+
 def copy_from_gguf(source: Path, mask: KeepMask, path: Path) -> str:
     """Write the pruned model from the ``.gguf`` file ``source``: metadata and kept tensors as they are there."""
-    from gguf import GGUFReader, GGUFWriter
+    from gguf import GGUFWriter
 
-    reader = GGUFReader(source)
-    src_arch = str(reader.get_field("general.architecture").contents())
-    if src_arch != "llama":
-        raise GgufExportError(f"--format gguf: {source} has architecture {src_arch!r}; its tensors can be "
-                              "copied only from a 'llama' GGUF file")
+    reader = _llama_reader(source)
+    src_arch = "llama"
     count = int(reader.get_field(f"{src_arch}.block_count").contents())
     mask.check_layers(count)
     arch, out = architecture(mask), blocks(mask)

@@ -208,3 +208,60 @@ def test_decilm_refuses_other_families(tiny, tmp_path):
     with pytest.raises(UserError, match="DeciLM checkpoints hold llama-family models"):
         export_pruned(tiny("qwen2"), None, "AM,A-,AM", tmp_path / "d", options=ExportOptions("decilm"))
     assert not any(tmp_path.iterdir())
+
+
+@pytest.mark.slow
+def test_decilm_converts_with_llama_cpps_converter_and_runs(stories, story_tokens, tmp_path):
+    """llama.cpp's ``convert_hf_to_gguf.py`` (from its source tree; path in ``LLAMA_CPP_CONVERTER``, with its
+    ``gguf-py`` beside it) turns a decilm export into a GGUF that llama.cpp runs as the masked model. The converter
+    reads ``ffn_mult``, so the model's FFN width is a multiple of 256; no ``A-`` layer (see decilm_export)."""
+    import os
+    import subprocess
+    import sys
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    converter = os.environ.get("LLAMA_CPP_CONVERTER")
+    if not converter or not Path(converter).is_file():
+        pytest.skip("set LLAMA_CPP_CONVERTER to llama.cpp's convert_hf_to_gguf.py")
+    _llama_cpp()
+    torch.manual_seed(0)
+    base = stories[0].config
+    model = LlamaForCausalLM(LlamaConfig(**{**base.to_dict(), "intermediate_size": 256, "architectures": None})).eval()
+    mask = "AM,-M,--,AM,-M"
+    out = export_pruned(model, stories[1], mask, tmp_path / "d", options=ExportOptions("decilm"))
+    gguf_file = tmp_path / "converted.gguf"
+    env = dict(os.environ, PYTHONPATH=str(Path(converter).parent / "gguf-py"))
+    subprocess.run([sys.executable, converter, str(out), "--outfile", str(gguf_file), "--outtype", "f32"],
+                   check=True, env=env, capture_output=True)
+    got = llama_cpp_logits(gguf_file, story_tokens)
+    want = torch_logits(model, mask, story_tokens)
+    assert perplexity(got, story_tokens) == pytest.approx(perplexity(want, story_tokens), rel=0.005)
+
+
+def test_gguf_file_export_needs_no_model_and_writes_the_same_file(stories_gguf, tmp_path):
+    from surgery.export import export_gguf_file
+    from surgery.load import load_model
+
+    mask = "AM,A-,-M,AM,--"
+    fast = export_gguf_file(stories_gguf, mask, tmp_path / "fast")
+    model, tokenizer = load_model(str(stories_gguf), dtype="float32", device="cpu")
+    slow = export_pruned(model, tokenizer, mask, tmp_path / "slow", options=ExportOptions("gguf", source_file=stories_gguf))
+    assert (fast / FILE_NAME).read_bytes() == (slow / FILE_NAME).read_bytes()
+    line = lambda out: next(x for x in (out / "README.md").read_text().splitlines() if "parameters:" in x)  # noqa: E731
+    assert line(fast) == line(slow)
+
+
+def test_study_export_takes_format(stories_gguf, tmp_path):
+    from search.study import main as study_main
+    from tests.faults import study_config, write_yaml
+
+    config = write_yaml(tmp_path / "s.yaml", study_config(tmp_path / "s", strategies=[{"name": "shortgpt"}],
+                                                          model={"name": str(stories_gguf)}))
+    assert study_main(["run", str(config), "--no-progress"]) == 0
+    for format in ("gguf", "decilm"):
+        target = tmp_path / format
+        assert study_main(["export", str(tmp_path / "s"), "--max-removed", "4", "--format", format,
+                           "--out", str(target)]) == 0
+        assert json.loads((target / "depthsearch-export.json").read_text())["format"] == format
+    assert (tmp_path / "gguf" / FILE_NAME).is_file() and (tmp_path / "decilm" / "modeling_decilm.py").is_file()

@@ -67,7 +67,7 @@ def main(args: argparse.Namespace) -> int:
     from search.config import model_source
     from search.studydir import study_model
     from surgery.cli import load_checked
-    from surgery.export import check_target, export_options, export_pruned
+    from surgery.export import check_target, export_gguf_file, export_options, export_pruned
     from surgery.mask import KeepMask
 
     study_dir = Path(args.study_dir)
@@ -79,13 +79,17 @@ def main(args: argparse.Namespace) -> int:
     local = model_source(config)[1]
     protect = (("the study", study_dir), ("the source model", Path(name) if local else None))
     check_target(Path(args.out), args.force, protect=protect)  # before the model is loaded
-    model, tokenizer = load_checked(name, dtype=config.model.dtype, device="cpu", trust_remote_code=trust)
     metrics = {key: _plain(best[key]) for key in ("strategy", "objective", PRIMARY_COLUMN, "removed_attn",
                                                     "removed_ffn", *data.meta["dense"]) if key in best}
     metrics.update(calibration_objective=data.meta["objective"], study=str(args.study_dir))
-    out = export_pruned(model, tokenizer, KeepMask.parse(best["mask"]), Path(args.out),
-                        source=config.model.name, metrics=metrics, force=args.force, protect=protect,
-                        options=options)
+    mask = KeepMask.parse(best["mask"])
+    if options.source_file is not None and options.outtype is None:  # tensors copied: no model to load
+        out = export_gguf_file(options.source_file, mask, Path(args.out), source=config.model.name,
+                               metrics=metrics, force=args.force, protect=protect)
+    else:
+        model, tokenizer = load_checked(name, dtype=config.model.dtype, device="cpu", trust_remote_code=trust)
+        out = export_pruned(model, tokenizer, mask, Path(args.out), source=config.model.name, metrics=metrics,
+                            force=args.force, protect=protect, options=options)
     ppl = "-" if pd.isna(best[PRIMARY_COLUMN]) else f"{best[PRIMARY_COLUMN]:.4g}"
     size = int(best['params']) if 'params' in best else '?'
     print(f"exported {best['mask']} (found by {best['strategy']}, {size} params, "
