@@ -27,6 +27,10 @@ class UnknownTaskError(UserError):
     """A task name that neither the local task folder nor lm-eval's index knows."""
 
 
+class TaskDataError(UserError):
+    """A known task whose data cannot be loaded on this machine."""
+
+
 @dataclass(frozen=True)
 class TaskResult:
     """One task's metrics; ``value`` is the headline metric."""
@@ -86,9 +90,23 @@ def resolve_task(name: str, *, hub: bool = True) -> tuple[str, Any]:
 
 
 def check_tasks(names: Sequence[str], *, hub: bool = True) -> None:
-    """Fail early on an unknown name (the local index is cheap; lm-eval's own is built only when needed)."""
+    """Fail early on an unknown name (the local index is cheap; lm-eval's own is built only when needed) and on a
+    hub task whose data cannot be loaded here (no network and no cached copy)."""
     for name in names:
-        resolve_task(name, hub=hub)
+        task, manager = resolve_task(name, hub=hub)
+        if manager is not _manager(False):
+            _check_data(name, task, manager)
+
+
+def _check_data(name: str, task: str, manager) -> None:
+    from lm_eval.tasks import get_task_dict
+
+    try:
+        get_task_dict([task], manager)
+    except Exception as error:  # noqa: BLE001 - hub, network and dataset errors alike: the task cannot run here
+        first = (str(error).strip().splitlines() or [""])[0][:200]
+        raise TaskDataError(f"benchmark task {name!r}: cannot load its data ({type(error).__name__}: {first}); "
+                            "a hub task needs network access or its dataset in the local cache") from None
 
 
 def task_limit(task: str, limit: int | None, limits: Mapping[str, int | None] | None) -> int | None:

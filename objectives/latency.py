@@ -42,20 +42,23 @@ class LatencyError(UserError):
     """Bad latency settings, an unknown phase, or a profile that does not fit the model."""
 
 
+BATCH_MAX, TOKENS_MAX, REPEATS_MAX = 4096, 1 << 20, 100_000  # every setting has a range (as in search.config)
+
+
 class LatencySettings(BaseModel):
     """The config's ``latency:`` mapping (every key optional)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    batch_size: int = Field(1, ge=1)  # prefill sequences
-    seq_len: int = Field(128, ge=1)  # prefill tokens per sequence
-    context: int = Field(256, ge=1)  # decode: tokens already in the KV cache
-    decode_batch_size: int = Field(1, ge=1)
-    warmup: int = Field(2, ge=0)
-    repeats: int = Field(7, ge=1)
-    decode_steps: int = Field(8, ge=1)  # decode steps per timed repeat (one step alone is too short to time)
+    batch_size: int = Field(1, ge=1, le=BATCH_MAX)  # prefill sequences
+    seq_len: int = Field(128, ge=1, le=TOKENS_MAX)  # prefill tokens per sequence
+    context: int = Field(256, ge=1, le=TOKENS_MAX)  # decode: tokens already in the KV cache
+    decode_batch_size: int = Field(1, ge=1, le=BATCH_MAX)
+    warmup: int = Field(2, ge=0, le=REPEATS_MAX)
+    repeats: int = Field(7, ge=1, le=REPEATS_MAX)
+    decode_steps: int = Field(8, ge=1, le=REPEATS_MAX)  # decode steps per timed repeat (one alone is too short)
     profile: str | None = None  # JSON file holding the profile (reused when it matches model and settings)
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=2**32 - 1)
 
     @classmethod
     def from_mapping(cls, mapping: Mapping[str, Any] | None = None, **overrides: Any) -> LatencySettings:

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import re
+import types
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic.fields import FieldInfo
 from search.record import MAIN_STUDY
 from surgery.errors import UserError
 from surgery.files import read_utf8
@@ -18,14 +22,60 @@ from surgery.gguf_source import GgufError, is_gguf, read_header
 MAX_ALIASES = 32  # YAML aliases allowed in a config: enough to share a few values, too few to expand a bomb
 MAX_NODES = 100_000  # nodes of the document with every alias expanded
 SEED_MAX = 2**32 - 1  # numpy and torch generators take seeds up to this
+# Every number a config holds has a range (``ge``/``gt`` and ``le``/``lt``), checked when the YAML is validated,
+# before anything is written; ``Section`` refuses to define a section with an unbounded number.
+COUNT_MAX = 1_000_000  # sequences, repeats, stage sizes: far beyond any study, short of an allocation that fails
+TOKENS_MAX = 1 << 20  # tokens per sequence (the model's positions are checked once it is read)
+BATCH_MAX = 4096  # sequences per forward pass
+WORKERS_MAX = 1024
+CACHE_MB_MAX = 1 << 20  # 1 TiB of prefix states
+Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
+Seed = Annotated[int, Field(ge=0, le=SEED_MAX)]
 
 
 class ConfigError(UserError):
     """A config that cannot be used; the message lists every problem (file, key, value)."""
 
 
-class _Section(BaseModel):
+def unbounded_numbers(model: type[BaseModel], prefix: str = "") -> list[str]:
+    """Keys of the numbers in ``model`` (nested sections, list items and mapping values too) that lack a lower or
+    an upper bound."""
+    found = []
+    for name, field in model.model_fields.items():
+        found += _unbounded(field.annotation, list(field.metadata), prefix + name)
+    return found
+
+
+def _unbounded(annotation, metadata: list, key: str) -> list[str]:
+    origin, args = get_origin(annotation), get_args(annotation)
+    if origin is Annotated:
+        extra = [m for a in args[1:] for m in (a.metadata if isinstance(a, FieldInfo) else [a])]
+        return _unbounded(args[0], metadata + extra, key)
+    if origin in (Union, types.UnionType):
+        return sorted({k for a in args if a is not type(None) for k in _unbounded(a, metadata, key)})
+    if origin in (list, dict, tuple):
+        return _unbounded(args[-1], [], f"{key}.*") if args else []
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return unbounded_numbers(annotation, f"{key}.")
+    if annotation in (int, float):
+        kinds = {type(m).__name__ for m in metadata}
+        return [] if kinds & {"Ge", "Gt"} and kinds & {"Le", "Lt"} else [key]
+    return []
+
+
+class Section(BaseModel):
+    """A config section: unknown keys and non-finite numbers refused, every number bounded."""
+
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    @classmethod
+    def __pydantic_init_subclass__(cls, **kwargs):
+        super().__pydantic_init_subclass__(**kwargs)
+        missing = unbounded_numbers(cls)
+        if missing:
+            raise TypeError(f"{cls.__name__}: numbers without a range: {', '.join(missing)}")
+
+
 
 
 def _no_nul(value):
@@ -36,7 +86,7 @@ def _no_nul(value):
     return value
 
 
-class ModelSection(_Section):
+class ModelSection(Section):
     name: str  # local path (relative to the config file) or hub id
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     device: str = "auto"
@@ -46,30 +96,32 @@ class ModelSection(_Section):
     _names = field_validator("name")(_no_nul)
 
 
-class TextSection(_Section):
+class TextSection(Section):
     files: list[str] = Field(default_factory=list)  # local .txt / .jsonl, relative to the config file
     dataset: str | None = None  # HF dataset name (for users with a hub)
     dataset_config: str | None = None
     split: str = "train"
     field: str = "text"
-    start: float = 0.0  # fraction of the characters where the slice starts
-    end: float = 1.0
-    num_sequences: int = Field(8, ge=1)
-    seq_len: int = Field(256, ge=2)
-    seed: int = Field(0, ge=0, le=SEED_MAX)
+    start: Fraction = 0.0  # fraction of the characters where the slice starts
+    end: Fraction = 1.0
+    num_sequences: int = Field(8, ge=1, le=COUNT_MAX)
+    seq_len: int = Field(256, ge=2, le=TOKENS_MAX)
+    seed: Seed = 0
 
     _paths = field_validator("files")(_no_nul)
 
 
-class ReferenceSection(_Section):
-    topk: int | None = Field(None, ge=1)  # None: full-vocabulary reference (exact); k: top-k + tail mass
-    batch_size: int = Field(8, ge=1)
+class ReferenceSection(Section):
+    topk: int | None = Field(None, ge=1, le=COUNT_MAX)  # None: full-vocabulary reference (exact); k: top-k + tail
+    batch_size: int = Field(8, ge=1, le=BATCH_MAX)
 
 
-class BudgetSection(_Section):
+class BudgetSection(Section):
     metric: str = "params"  # a registered budget: params, kv_cache_bytes, sublayers, latency_*
-    targets: list[float] = Field(default_factory=lambda: [0.1, 0.2, 0.3, 0.4, 0.5])  # fractions removed
-    constraints: dict[str, float] = Field(default_factory=dict)  # other metric -> max fraction of dense kept
+    targets: list[Annotated[float, Field(gt=0.0, lt=1.0)]] = Field(  # fractions removed
+        default_factory=lambda: [0.1, 0.2, 0.3, 0.4, 0.5])
+    constraints: dict[str, Annotated[float, Field(gt=0.0, le=1.0)]] = Field(default_factory=dict)  # other metric ->
+    # max fraction of its dense cost kept
 
     @field_validator("targets")
     @classmethod
@@ -80,7 +132,7 @@ class BudgetSection(_Section):
         return sorted(set(targets))
 
 
-class StrategyEntry(_Section):
+class StrategyEntry(Section):
     name: str  # registered strategy
     label: str | None = None  # distinct tag when one strategy runs twice with other settings
     settings: dict[str, Any] = Field(default_factory=dict)
@@ -90,27 +142,28 @@ class StrategyEntry(_Section):
         return self.label or self.name
 
 
-class ExecutorSection(_Section):
+class ExecutorSection(Section):
     kind: Literal["inprocess", "processes", "ray"] = "inprocess"
-    workers: int = Field(1, ge=1)
+    workers: int = Field(1, ge=1, le=WORKERS_MAX)
     address: str | None = None  # ray: join an existing cluster
-    resources_per_worker: dict[str, float] = Field(default_factory=lambda: {"CPU": 1})
+    resources_per_worker: dict[str, Annotated[float, Field(ge=0, le=COUNT_MAX)]] = Field(
+        default_factory=lambda: {"CPU": 1})
 
 
-class EngineSection(_Section):
+class EngineSection(Section):
     """How masks are scored: prefix reuse (exact) and optional staged selection (not exact)."""
 
     prefix_reuse: bool = True  # reuse hidden states of shared mask prefixes; same numbers as the plain loop
-    state_cache_mb: float = Field(1024, ge=0)  # prefix states kept across batches (per worker; 0: none)
+    state_cache_mb: float = Field(1024, ge=0, le=CACHE_MB_MAX)  # prefix states kept across batches (per worker)
     staged: bool = False  # score batches on a few sequences first, fully evaluate only the best
-    stage_sequences: int = Field(2, ge=1)
-    stage_keep: int = Field(4, ge=1)
+    stage_sequences: int = Field(2, ge=1, le=COUNT_MAX)
+    stage_keep: int = Field(4, ge=1, le=COUNT_MAX)
     racing: bool = False  # exact racing: candidates proven worse than the best are not finished (fewer trials)
     select_strategies: list[str] | None = None  # tags racing/staging apply to (empty: all; default: every strategy
     # whose class declares selection_only: greedy_finercut, blockpruner, sleb, evolutionary, under any label)
 
 
-class StudyConfig(_Section):
+class StudyConfig(Section):
     model: ModelSection
     calibration: TextSection
     extra_calibration: dict[str, TextSection] = Field(default_factory=dict)  # more calibration text (other domains),
@@ -128,7 +181,7 @@ class StudyConfig(_Section):
     engine: EngineSection = Field(default_factory=EngineSection)
     confirm: dict[str, Any] = Field(default_factory=dict)  # validated by search.commands.confirm
     latency: dict[str, Any] = Field(default_factory=dict)  # validated by objectives.latency
-    seed: int = Field(0, ge=0, le=SEED_MAX)
+    seed: Seed = 0
     output_dir: str = "runs/study"
 
     _paths = field_validator("storage", "output_dir")(_no_nul)
@@ -137,7 +190,9 @@ class StudyConfig(_Section):
 
 
 def format_problems(path: Path | str | None, problems: list[str]) -> str:
-    """One message for many problems: ``FILE: N problem(s)`` then one indented ``key: what (got value)`` each."""
+    """One message for many problems: ``FILE: N problem(s)`` then one indented ``key: what (got value)`` each (a
+    problem two checks found is listed once)."""
+    problems = list(dict.fromkeys(problems))
     return "\n".join([f"{path or '(config)'}: {len(problems)} problem(s)", *(f"  {p}" for p in problems)])
 
 
@@ -270,7 +325,10 @@ def _check_model(config: StudyConfig) -> list[str]:
     if local and not (Path(name) / "config.json").is_file():
         what = "does not exist" if not Path(name).exists() else "has no config.json"
         return [f"model.name: model path {config.model.name!r} {what} (resolved to {name})"]
-    return []
+    from surgery.load import pickle_problem
+
+    problem = pickle_problem(name) if local else None
+    return [f"model.name: {problem}"] if problem else []
 
 
 def _check_text(config: StudyConfig, key: str, section: TextSection) -> list[str]:
@@ -317,14 +375,41 @@ def calibration_specs(config: StudyConfig) -> list:
     return [text_source(config, section) for _, section in calibration_sections(config)]
 
 
+@functools.lru_cache(maxsize=64)
+def _digest(path: str, *_version) -> str:
+    with open(path, "rb") as handle:
+        return hashlib.file_digest(handle, "sha256").hexdigest()
+
+
+def _content(source) -> set[str]:
+    """What a text source reads, by content: its files' digests (a copy under another name is the same text), or
+    the dataset it names."""
+    if source.files:
+        return {_digest(f, Path(f).stat().st_size, Path(f).stat().st_mtime_ns) for f in source.files}
+    return {f"dataset {source.dataset}:{source.dataset_config}:{source.split}"}
+
+
+def _slice_digest(source) -> str | None:
+    """sha256 of the characters a file source selects (None for a dataset: not fetched to check)."""
+    from objectives.calibration import DataError, load_text
+
+    try:
+        return hashlib.sha256(load_text(source).encode("utf-8")).hexdigest() if source.files else None
+    except DataError:  # unreadable text: reported with its key when the text is tokenized
+        return None
+
+
 def _overlaps(cal, held) -> bool:
-    same_files = bool(cal.files) and set(cal.files) & set(held.files)
-    same_data = cal.dataset and (cal.dataset, cal.dataset_config, cal.split) == (held.dataset, held.dataset_config, held.split)
-    return bool(same_files or same_data) and cal.start < held.end and held.start < cal.end
+    """Same content (file digests) with overlapping slices, or the same selected characters."""
+    if _content(cal) & _content(held) and cal.start < held.end and held.start < cal.end:
+        return True
+    digest = _slice_digest(held)
+    return digest is not None and digest == _slice_digest(cal)
 
 
 def _check_disjoint(config: StudyConfig) -> list[str]:
-    """Held-out text must not overlap any calibration text (same source and overlapping slices)."""
+    """Held-out text must not overlap any calibration text, compared by content: the same files (by digest) with
+    overlapping slices, or the same selected characters."""
     problems = []
     held_sources = [(held_set.key, text_source(config, held_set.section).source) for held_set in heldout_sets(config)]
     for cal_key, cal_section in calibration_sections(config):
@@ -384,11 +469,9 @@ def _check_budget(config: StudyConfig) -> list[str]:
     problems = []
     if config.budget.metric not in BUDGETS:
         problems.append(f"budget.metric: {_unknown(BUDGETS, config.budget.metric)}")
-    for name, kept in config.budget.constraints.items():
+    for name in config.budget.constraints:
         if name not in BUDGETS:
             problems.append(f"budget.constraints.{name}: {_unknown(BUDGETS, name)}")
-        if not 0.0 < kept <= 1.0:
-            problems.append(f"budget.constraints.{name}: max fraction of the dense cost kept must be in (0, 1] (got {kept})")
     return problems
 
 

@@ -6,12 +6,16 @@ The main study ``depthsearch`` holds every full evaluation of a mask as a COMPLE
 trial attrs of :data:`TRIAL_ATTRS` plus one attr per cost metric. Its study attrs are ``meta`` (the run's
 metadata and the fingerprint), ``strategy:<tag>`` (one record per strategy: results, counters, notes) and
 ``heldout`` / ``heldout:<name>`` (held-out perplexity caches). A sampler's working studies live beside it in the
-same storage, named ``depthsearch:<name>``.
+same storage, named ``depthsearch:<name>``; the study ``depthsearch:owner`` holds the writer claims (one RUNNING
+trial per live writer, see :meth:`StudyRecord.writer_claim`).
 """
 
 from __future__ import annotations
 
 import json
+import random
+import threading
+import time
 import warnings
 from dataclasses import dataclass
 from typing import Any, Iterable
@@ -19,6 +23,7 @@ from typing import Any, Iterable
 import optuna
 from optuna.distributions import CategoricalDistribution
 
+from search.stored import HeldoutCache, Meta, StrategyRecord, TrialAttrs, mask_problem, shape_problem
 from surgery.errors import UserError
 from surgery.mask import KeepMask
 
@@ -33,10 +38,15 @@ META = "meta"
 STRATEGY_PREFIX = "strategy:"
 HELDOUT, HELDOUT_PREFIX = "heldout", "heldout:"  # the primary held-out set's cache, then each extra set's
 PRIMARY_COLUMN, EXTRA_COLUMN_PREFIX = "heldout_ppl", "heldout_ppl_"  # report columns of held-out perplexity
+OWNER_SUFFIX = ":owner"  # the study of writer claims beside the main study
 
 
 class StudyStorageError(UserError):
     """A storage that cannot be reached or read (the message names its URL)."""
+
+
+class StudyInUseError(StudyStorageError):
+    """Another live run holds the claim to write this study (the message names it)."""
 
 
 # the keep-bit encoding -------------------------------------------------------------------------------------
@@ -112,6 +122,8 @@ class StudyRecord:
                  name: str = MAIN_STUDY):
         """``storage``: a URL or storage (None: in memory); ``name``: the main study's (tests keep several)."""
         self.storage = optuna.storages.get_storage(storage)
+        self.where = storage if isinstance(storage, str) else type(self.storage).__name__  # shown in messages
+        self.claim_lost = threading.Event()  # set when another run took this run's writer claim over
         if create:
             self.study = optuna.create_study(study_name=name, storage=self.storage, directions=list(DIRECTIONS),
                                              load_if_exists=True)
@@ -121,6 +133,7 @@ class StudyRecord:
     # trials ---------------------------------------------------------------------------------------------
     def add_evaluation(self, strategy: str, mask: KeepMask, value: float, target: float | None,
                        costs: dict[str, float], budget_metric: str) -> None:
+        self._check_claim()
         attrs = {STRATEGY: strategy, MASK: str(mask), TARGET: target, REMOVED_ATTN: mask.removed_attn,
                  REMOVED_FFN: mask.removed_ffn, **costs}
         self.study.add_trial(optuna.trial.create_trial(
@@ -128,8 +141,13 @@ class StudyRecord:
             values=[value, costs[budget_metric]], user_attrs=attrs))
 
     def evaluations(self) -> list[Evaluation]:
-        """Every evaluated mask and strategy, in trial order."""
-        return [self._evaluation(t) for t in completed(self.study) if MASK in t.user_attrs]
+        """Every evaluated mask and strategy, in trial order (their attrs checked)."""
+        trials = [t for t in completed(self.study) if MASK in t.user_attrs]
+        sublayers = 2 * self.meta().get("num_layers", 0)
+        for trial in trials:
+            self._check_shape(f"trial {trial.number}", TrialAttrs, trial.user_attrs,
+                              sublayers and mask_problem(trial.user_attrs[MASK], sublayers))
+        return [self._evaluation(t) for t in trials]
 
     @staticmethod
     def _evaluation(trial: optuna.trial.FrozenTrial) -> Evaluation:
@@ -161,9 +179,15 @@ class StudyRecord:
 
     # study attrs ------------------------------------------------------------------------------------------
     def meta(self) -> dict:
-        return dict(self.study.user_attrs.get(META) or {})
+        """The run metadata (empty before the first run stored it), its shape checked."""
+        meta = self.study.user_attrs.get(META)
+        if meta is None:
+            return {}
+        self._check_shape(META, Meta, meta)
+        return dict(meta)
 
     def set_meta(self, meta: dict) -> None:
+        self._check_claim()
         self.study.set_user_attr(META, meta)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -173,29 +197,118 @@ class StudyRecord:
         return self.meta().get("fingerprint")
 
     def strategy_record(self, tag: str) -> dict | None:
-        return self.study.user_attrs.get(STRATEGY_PREFIX + tag)
+        record = self.study.user_attrs.get(STRATEGY_PREFIX + tag)
+        return None if record is None else self._checked_record(STRATEGY_PREFIX + tag, record)
 
     def set_strategy_record(self, tag: str, record: dict) -> None:
+        self._check_claim()
         self.study.set_user_attr(STRATEGY_PREFIX + tag, record)
 
     def strategy_records(self) -> dict[str, dict]:
         attrs = self.study.user_attrs
-        return {k[len(STRATEGY_PREFIX):]: v for k, v in attrs.items() if k.startswith(STRATEGY_PREFIX)}
+        return {k[len(STRATEGY_PREFIX):]: self._checked_record(k, v) for k, v in attrs.items()
+                if k.startswith(STRATEGY_PREFIX)}
+
+    def _checked_record(self, attr: str, record) -> dict:
+        self._check_shape(attr, StrategyRecord, record)
+        masks = [m for m in record.get("results", {}).values() if m is not None]
+        self._check_masks(attr, masks)
+        return record
 
     def heldout_cache(self, column: str) -> dict:
         """``{"spec": ..., "ppl": {mask: perplexity}}`` of one held-out set (empty when never scored)."""
-        return self.study.user_attrs.get(heldout_attr(column)) or {}
+        cache = self.study.user_attrs.get(heldout_attr(column))
+        return {} if cache is None else self._checked_cache(heldout_attr(column), cache)
 
     def set_heldout_cache(self, column: str, cache: dict) -> None:
+        self._check_claim()
         self.study.set_user_attr(heldout_attr(column), cache)
 
     def heldout_ppl(self) -> dict[str, dict[str, float]]:
         """Report column -> mask -> held-out perplexity: the primary set first, then each extra set by name."""
         attrs = self.study.user_attrs
-        out = {PRIMARY_COLUMN: (attrs.get(HELDOUT) or {}).get("ppl", {})}
-        out.update({heldout_column(k[len(HELDOUT_PREFIX):]): (v or {}).get("ppl", {})
+        out = {PRIMARY_COLUMN: self.heldout_cache(PRIMARY_COLUMN).get("ppl", {})}
+        out.update({heldout_column(k[len(HELDOUT_PREFIX):]): self._checked_cache(k, v).get("ppl", {})
                     for k, v in sorted(attrs.items()) if k.startswith(HELDOUT_PREFIX)})
         return out
+
+    def _checked_cache(self, attr: str, cache) -> dict:
+        self._check_shape(attr, HeldoutCache, cache)
+        self._check_masks(attr, list(cache.get("ppl", {})))
+        return cache
+
+    # the stored shapes ------------------------------------------------------------------------------------
+    def check_stored(self) -> None:
+        """Read every stored attribute once: a damaged one raises :class:`StudyStorageError` naming it."""
+        try:
+            self.meta()
+            self.strategy_records()
+            self.heldout_ppl()
+            self.evaluations()
+        except StudyStorageError:
+            raise
+        except (ValueError, TypeError, KeyError) as error:  # a row the storage itself cannot decode
+            raise StudyStorageError(f"study {self.study.study_name!r} in {self.where} cannot be read: "
+                                    f"{type(error).__name__}: {error}") from None
+
+    def _check_shape(self, attr: str, shape, value, problem: str | None = None) -> None:
+        self._damaged(attr, shape_problem(shape, value) or problem)
+
+    def _check_masks(self, attr: str, masks: list) -> None:
+        sublayers = 2 * self.meta().get("num_layers", 0)
+        self._damaged(attr, next((p for p in (mask_problem(m, sublayers) for m in masks) if p), None)
+                      if sublayers else None)
+
+    def _damaged(self, attr: str, problem: str | None) -> None:
+        if problem:
+            raise StudyStorageError(f"study {self.study.study_name!r} in {self.where}: the stored {attr!r} is "
+                                    f"damaged ({problem}); restore the storage from a copy, or run the study anew")
+
+    # writer claims: RUNNING trials of the study "<name>:owner" (the protocol is search.writers') ----------------
+    def claims(self) -> list[tuple[int, dict]]:
+        """(number, attrs) of every RUNNING claim; none when no run ever claimed the study."""
+        owner = self._owner(create=False)
+        running = () if owner is None else owner.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+        return [(t.number, t.user_attrs) for t in running]
+
+    def add_claim(self, attrs: dict) -> None:
+        self._owner(create=True).add_trial(optuna.trial.create_trial(state=optuna.trial.TrialState.RUNNING,
+                                                                     user_attrs=attrs))
+
+    def finish_claim(self, number: int, value: float) -> None:
+        """Store a claim as COMPLETE with ``value`` (released, refused, taken over); done already is fine."""
+        try:
+            self.storage.set_trial_state_values(self._claim_id(number), optuna.trial.TrialState.COMPLETE, [value])
+        except optuna.exceptions.UpdateFinishedTrialError:
+            pass
+
+    def beat_claim(self, number: int, now: float) -> bool:
+        """Store a claim's heartbeat; False when another run finished the claim (took the study over)."""
+        try:
+            self.storage.set_trial_user_attr(self._claim_id(number), "heartbeat", now)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            self.claim_lost.set()
+            return False
+        return True
+
+    def _owner(self, *, create: bool) -> optuna.Study | None:
+        name = self.study.study_name + OWNER_SUFFIX
+        if create:
+            return optuna.create_study(study_name=name, storage=self.storage, load_if_exists=True)
+        try:
+            return optuna.load_study(study_name=name, storage=self.storage)
+        except KeyError:
+            return None
+
+    def _claim_id(self, number: int) -> int:
+        study_id = self.storage.get_study_id_from_name(self.study.study_name + OWNER_SUFFIX)
+        return self.storage.get_trial_id_from_study_id_trial_number(study_id, number)
+
+    def _check_claim(self) -> None:
+        if self.claim_lost.is_set():
+            raise StudyInUseError(
+                f"study {self.study.study_name!r} in {self.where}: another run took this run's writer claim over "
+                "(its heartbeat had stopped); stopped, completed trials are kept: run again to resume")
 
 
 def strategy_problems(record: StudyRecord | None, entries: Iterable) -> list[str]:
@@ -230,13 +343,12 @@ def open_record(url: str, *, create: bool = True, name: str = MAIN_STUDY) -> Stu
     """The main study ``name`` in ``url`` (created when ``create``; else None when absent, creating nothing); a
     storage that cannot be reached or read is one :class:`StudyStorageError` naming it."""
     from search.checks import shown_url
-    from search.config import open_storage
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     if not create and not storage_exists(url):
         return None
     try:
-        return StudyRecord(open_storage(url), create=create, name=name)
+        record = _first_open(url, create, name)
     except KeyError:
         return None
     except UserError:
@@ -244,3 +356,19 @@ def open_record(url: str, *, create: bool = True, name: str = MAIN_STUDY) -> Stu
     except Exception as error:  # noqa: BLE001 - SQLAlchemy, journal and version errors: the storage is unusable
         first = (str(error).strip().splitlines() or [""])[0]
         raise StudyStorageError(f"storage {shown_url(url)}: cannot open it ({type(error).__name__}: {first})") from None
+    record.where = shown_url(url)
+    return record
+
+
+def _first_open(url: str, create: bool, name: str) -> StudyRecord:
+    """``StudyRecord`` of ``url``; a database server's tables created by two runs at once clash once: retried."""
+    from search.config import open_storage
+    from sqlalchemy.exc import IntegrityError, ProgrammingError
+
+    for attempt in range(3):
+        try:
+            return StudyRecord(open_storage(url), create=create, name=name)
+        except (IntegrityError, ProgrammingError):
+            if attempt == 2:
+                raise
+            time.sleep(random.uniform(0.5, 1.5))

@@ -22,6 +22,28 @@ GGUF_REQUIREMENT = "gguf>=0.17,<1"
 _SCALAR = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
 _STRING, _ARRAY = 8, 9
 _VERSIONS = (2, 3)
+MAX_DEPTH = 4  # arrays of arrays nested deeper than this are refused (llama.cpp writes at most 2)
+MAX_DIMS = 4  # GGML_MAX_DIMS
+INTEGER, NUMBER, TEXT = "integer", "number", "string"
+_KINDS = {INTEGER: {0, 1, 2, 3, 4, 5, 10, 11}, NUMBER: {0, 1, 2, 3, 4, 5, 6, 10, 11, 12}, TEXT: {_STRING}}
+# the type of each metadata value transformers reads: "<arch>." keys by their suffix, then whole keys; "[]": an
+# array of that type
+ARCH_KEYS = {
+    **dict.fromkeys(("block_count", "context_length", "embedding_length", "feed_forward_length",
+                     "attention.head_count", "attention.head_count_kv", "attention.key_length",
+                     "attention.value_length", "rope.dimension_count", "vocab_size", "expert_count",
+                     "expert_used_count", "attention.sliding_window"), INTEGER),
+    **dict.fromkeys(("attention.layer_norm_rms_epsilon", "attention.layer_norm_epsilon", "rope.freq_base",
+                     "rope.scaling.factor", "logit_scale"), NUMBER),
+}
+KEYS = {
+    "general.alignment": INTEGER, "general.architecture": TEXT, "general.name": TEXT, "tokenizer.ggml.model": TEXT,
+    "tokenizer.ggml.pre": TEXT, "tokenizer.ggml.tokens": TEXT + "[]", "tokenizer.ggml.merges": TEXT + "[]",
+    "tokenizer.ggml.scores": NUMBER + "[]", "tokenizer.ggml.token_type": INTEGER + "[]",
+    **{f"tokenizer.ggml.{name}_token_id": INTEGER for name in ("bos", "eos", "unknown", "padding", "separator")},
+}
+SIZE_MAX = 1 << 31  # the largest integer hyperparameter (widths, heads, positions) read from a file
+LAYERS_MAX = 4096  # the most decoder layers (the largest models have a few hundred)
 
 
 class GgufError(UserError):
@@ -70,8 +92,17 @@ def _string(buf, pos: int) -> tuple[str, int]:
     return bytes(buf[pos : pos + length]).decode("utf-8"), pos + length
 
 
-def _value(buf, pos: int, kind: int):
-    """One metadata value (arrays are skipped: None) and the position after it."""
+@dataclass(frozen=True)
+class _Array:
+    item: int  # the value type of its items
+    count: int
+
+
+_MIN_BYTES = {_STRING: 8, _ARRAY: 12}  # the smallest encoding of one string, one array
+
+
+def _value(buf, pos: int, kind: int, depth: int = 0):
+    """One metadata value (an array as :class:`_Array`, its items skipped) and the position after it."""
     if kind in _SCALAR:
         (value,), pos = _unpack(_SCALAR[kind], buf, pos)
         return value, pos
@@ -79,15 +110,45 @@ def _value(buf, pos: int, kind: int):
         return _string(buf, pos)
     if kind != _ARRAY:
         raise ValueError(f"unknown metadata value type {kind}")
+    if depth >= MAX_DEPTH:
+        raise ValueError(f"metadata arrays nested more than {MAX_DEPTH} deep")
     (item, count), pos = _unpack("<IQ", buf, pos)
+    size = struct.calcsize(_SCALAR[item]) if item in _SCALAR else _MIN_BYTES.get(item, 1)
+    if pos + count * size > len(buf):
+        raise _Cut
     if item in _SCALAR:
-        end = pos + count * struct.calcsize(_SCALAR[item])
-        if end > len(buf):
-            raise _Cut
-        return None, end
+        return _Array(item, count), pos + count * size
     for _ in range(count):
-        _, pos = _value(buf, pos, item)
-    return None, pos
+        _, pos = _value(buf, pos, item, depth + 1)
+    return _Array(item, count), pos
+
+
+def _type_name(kind: int, value) -> str:
+    if isinstance(value, _Array):
+        return f"array of {_type_name(value.item, None)}"
+    return {_STRING: "string", 7: "bool", 6: "float32", 12: "float64"}.get(kind, "integer")
+
+
+def _check_metadata(metadata: dict) -> None:
+    """Every value transformers reads has its type; sizes are in range; alignment is a power of two."""
+    architecture = metadata.get("general.architecture", (None, ""))[1]
+    architecture = architecture if isinstance(architecture, str) else ""
+    for key, (kind, value) in metadata.items():
+        suffix = key[len(architecture) + 1:] if architecture and key.startswith(f"{architecture}.") else None
+        expected = ARCH_KEYS.get(suffix) or KEYS.get(key)
+        if expected is None:
+            continue
+        array = expected.endswith("[]")
+        kinds = _KINDS[expected.rstrip("[]")]
+        if array != isinstance(value, _Array) or (value.item if array else kind) not in kinds:
+            raise ValueError(f"metadata {key} is {_type_name(kind, value)}, expected {'an array of ' if array else ''}"
+                             f"{expected.rstrip('[]')}")
+        largest = LAYERS_MAX if suffix == "block_count" else SIZE_MAX
+        if expected == INTEGER and not 0 <= value <= largest:
+            raise ValueError(f"metadata {key} = {value} is out of range [0, {largest}]")
+    alignment = metadata.get("general.alignment", (None, 32))[1]
+    if alignment < 1 or alignment & (alignment - 1):
+        raise ValueError(f"metadata general.alignment = {alignment} is not a power of two")
 
 
 def _tensor_bytes(dims: tuple[int, ...], kind: int) -> int:
@@ -103,22 +164,29 @@ def _parse(buf, path: Path) -> GgufHeader:
     (version, tensor_count, kv_count), pos = _unpack("<IQQ", buf, 4)
     if version not in _VERSIONS:
         raise GgufError(f"{path} is GGUF version {version}; versions {_VERSIONS} can be read")
+    if pos + kv_count * 13 + tensor_count * 24 > len(buf):  # a key-value pair takes >= 13 bytes, a tensor >= 24
+        raise _Cut
     metadata = {}
     for _ in range(kv_count):
         key, pos = _string(buf, pos)
         (kind,), pos = _unpack("<I", buf, pos)
-        metadata[key], pos = _value(buf, pos, kind)
+        value, pos = _value(buf, pos, kind)
+        metadata[key] = (kind, value)
+    _check_metadata(metadata)
     tensors = []
     for _ in range(tensor_count):
-        _, pos = _string(buf, pos)
+        name, pos = _string(buf, pos)
         (ndim,), pos = _unpack("<I", buf, pos)
+        if ndim > MAX_DIMS:
+            raise ValueError(f"tensor {name} has {ndim} dimensions (at most {MAX_DIMS})")
         dims, pos = _unpack(f"<{ndim}Q", buf, pos)
         (kind, offset), pos = _unpack("<IQ", buf, pos)
         tensors.append((dims, kind, offset))
-    align = metadata.get("general.alignment") or 32
+    align = metadata.get("general.alignment", (None, 32))[1]
     start = -(-pos // align) * align
     data_end = max((start + offset + _tensor_bytes(dims, kind) for dims, kind, offset in tensors), default=pos)
-    return GgufHeader(path, str(metadata.get("general.architecture", "")), tensor_count, data_end, len(buf))
+    return GgufHeader(path, str(metadata.get("general.architecture", (None, ""))[1]), tensor_count, data_end,
+                      len(buf))
 
 
 def read_header(path: str | Path) -> GgufHeader:

@@ -31,14 +31,34 @@ def looks_local(name: str) -> bool:
     """Paths (./x, /x, ~/x, x.gguf, or anything that exists) are local; 'org/name' is a hub id."""
     return name.startswith((".", "/", "~")) or is_gguf(name) or Path(name).expanduser().exists()
 
+PICKLED = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")  # weight files torch would unpickle
+
+
+def pickle_problem(name: str) -> str | None:
+    """Why a local model folder is refused: its weights are pickles (unpickling can run code) and it has no
+    safetensors weights. Weights are only ever read from safetensors files."""
+    path = Path(name).expanduser()
+    if not path.is_dir() or any(path.glob("*.safetensors")):
+        return None
+    pickled = sorted(p.name for p in path.iterdir() if p.suffix.lower() in PICKLED and p.name != "training_args.bin")
+    if not pickled:
+        return None
+    return (f"model {name}: its weights are pickles ({', '.join(pickled[:3])}), which can run code when loaded; "
+            "only safetensors weights are read: convert them (save_pretrained(..., safe_serialization=True))")
+
+
 def check_model_source(name: str) -> None:
-    """Fail early for a local directory that is missing or has no config.json, or a bad ``.gguf`` file."""
+    """Fail early for a local directory that is missing, has no config.json or holds pickled weights, or a bad
+    ``.gguf`` file."""
     if is_gguf(name):
         read_header(name)
     elif looks_local(name):
         path = Path(name).expanduser()
         if not (path / "config.json").is_file():
             raise ModelLoadError(f"model path {name!r} has no config.json (missing or not a model directory)")
+        problem = pickle_problem(name)
+        if problem:
+            raise ModelLoadError(problem)
 
 def register_pruned(name: str) -> None:
     """Make a local partially-pruned export loadable without ``trust_remote_code`` (registers its classes)."""
@@ -59,6 +79,8 @@ def load_model_config(name: str, *, trust_remote_code: bool = False):
     from transformers import AutoConfig
 
     check_model_source(name)
+    if looks_local(name):
+        register_pruned(name)
     return AutoConfig.from_pretrained(_location(name), trust_remote_code=trust_remote_code)
 
 def load_tokenizer(name: str, *, trust_remote_code: bool = False):
@@ -80,8 +102,8 @@ def load_model(name: str, *, dtype: str = "float32", device: str = "auto", trust
     if looks_local(name):
         register_pruned(name)
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            _location(name), dtype=resolve_dtype(dtype), trust_remote_code=trust_remote_code
+        model = AutoModelForCausalLM.from_pretrained(  # safetensors only: a pickle is never unpickled
+            _location(name), dtype=resolve_dtype(dtype), trust_remote_code=trust_remote_code, use_safetensors=True
         )
         tokenizer = AutoTokenizer.from_pretrained(_location(name), trust_remote_code=trust_remote_code)
     except OSError as error:

@@ -116,14 +116,14 @@ def test_malformed_yaml_exits_2(tmp_path, capsys):
 
 
 def test_identical_heldout_batches_rejected(tmp_path, capsys):
-    """Different slices that still give the same token windows (a copy of the text) are caught after tokenising."""
+    """A copy of the calibration text under another name is caught by its content, before tokenising."""
     copy = tmp_path / "copy.txt"
     copy.write_text(TEXT.read_text(encoding="utf-8"), encoding="utf-8")
     out = tmp_path / "out"
     overrides = {"heldout": {"files": [str(copy)], "start": 0.0, "end": 0.8, "seed": 0, "num_sequences": 2}}
     config = write_config(tmp_path / "bad.yaml", study_config(out, **overrides))
     assert study_main(["run", str(config), "--no-progress"]) == 2
-    assert "held-out sequences equal calibration sequences" in capsys.readouterr().err
+    assert "overlaps calibration text" in capsys.readouterr().err
     assert not out.exists()
 
 

@@ -206,21 +206,70 @@ def _json_problem(path: str | None) -> str | None:
     return None
 
 
+SHAPE_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
+              "head_dim")  # what an export shares with the dense model it was pruned from
+
+
+def _model_config(name: str, trust_remote_code: bool):
+    """A model's config, read without its weights; every way it can be unreadable is one user error."""
+    from surgery.cli import LOAD_ERRORS, remote_code_problem
+    from surgery.load import ModelLoadError, check_model_source, load_model_config
+
+    problem = remote_code_problem(name, trust_remote_code, "--trust-remote-code")
+    if problem:
+        raise ModelLoadError(problem)
+    check_model_source(name)
+    try:
+        return load_model_config(name, trust_remote_code=trust_remote_code)
+    except UserError:
+        raise
+    except LOAD_ERRORS as error:
+        first = (str(error).strip().splitlines() or [""])[0]
+        raise ModelLoadError(f"cannot load the config of model {name}: {type(error).__name__}: {first}") from None
+
+
+def pair_problems(export, dense, export_name: str, dense_name: str) -> list[str]:
+    """Why ``dense`` is not the model ``export`` was pruned from: another family, vocabulary or layer shape, or
+    fewer layers (configs or tokenizers; ratios between unrelated models mean nothing)."""
+    if hasattr(export, "get_vocab"):
+        same = export.get_vocab() == dense.get_vocab()
+        return [] if same else [f"--against {dense_name}: its tokenizer's vocabulary ({len(dense)} tokens) differs "
+                                f"from {export_name}'s ({len(export)} tokens); bench an export against its own model"]
+    problems = []
+    families = family_for(export).name, family_for(dense).name
+    if families[0] != families[1]:
+        return [f"--against {dense_name}: a {families[1]} model, but {export_name} is {families[0]}"]
+    for key in SHAPE_KEYS:
+        mine, theirs = getattr(export, key, None), getattr(dense, key, None)
+        if mine != theirs:
+            problems.append(f"--against {dense_name}: {key} {theirs}, but {export_name} has {mine}")
+    if export.num_hidden_layers > dense.num_hidden_layers:
+        problems.append(f"--against {dense_name}: {dense.num_hidden_layers} layers, fewer than the "
+                        f"{export.num_hidden_layers} of {export_name}")
+    return problems
+
+
 def _load_both(args: argparse.Namespace):
-    """(export, dense): every problem with the flags or the models named before anything is timed."""
+    """(export, dense): every problem with the flags or the models named before anything is timed; the models
+    must be an export and the dense model it was pruned from (same family, vocabulary and layer shapes)."""
     from search.checks import device_problem, positions_problems
     from surgery.cli import load_checked
 
     problems = [p for p in (device_problem("--device", args.device), _json_problem(args.json)) if p]
     if problems:
         raise BenchError("; ".join(problems))
-    dense, _ = load_checked(args.against, dtype=args.dtype, device=args.device,
-                            trust_remote_code=args.trust_remote_code)
-    export, _ = load_checked(args.export_dir, dtype=args.dtype, device=args.device,
-                             trust_remote_code=args.trust_remote_code)
+    configs = [_model_config(name, args.trust_remote_code) for name in (args.export_dir, args.against)]
     lengths = {"--seq-len": args.seq_len, "--context (+1 decoded token)": args.context + 1}
-    problems = positions_problems(dense.config, lengths, args.against)
-    problems += positions_problems(export.config, lengths, args.export_dir)
+    problems = pair_problems(*configs, args.export_dir, args.against)
+    problems += positions_problems(configs[1], lengths, args.against)
+    problems += positions_problems(configs[0], lengths, args.export_dir)
+    if problems:
+        raise BenchError("; ".join(problems))
+    dense, dense_tokenizer = load_checked(args.against, dtype=args.dtype, device=args.device,
+                                          trust_remote_code=args.trust_remote_code)
+    export, tokenizer = load_checked(args.export_dir, dtype=args.dtype, device=args.device,
+                                     trust_remote_code=args.trust_remote_code)
+    problems = pair_problems(tokenizer, dense_tokenizer, args.export_dir, args.against)
     if problems:
         raise BenchError("; ".join(problems))
     return export, dense

@@ -19,14 +19,14 @@ import json
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import pandas as pd
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import Field, ValidationError
 
 from search.config import (
-    ConfigError, StudyConfig, calibration_specs, format_problems, load_config, model_source, resolve,
-    validation_problems,
+    BATCH_MAX, COUNT_MAX, TOKENS_MAX, ConfigError, Section, Seed, StudyConfig, calibration_specs, format_problems,
+    load_config, model_source, resolve, validation_problems,
 )
 from search.commands.heal import HealSettings
 from search.record import PRIMARY_COLUMN
@@ -35,18 +35,15 @@ from surgery.errors import UserError
 
 DEFAULT_TASKS = ["tinystories_ppl", "tinystories_cloze", "tinystories_next"]
 OUT_DIR = "confirm"
+SAMPLES_MAX = 10**9  # samples per benchmark task
 
 
 # settings --------------------------------------------------------------------------------------------------
-class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
-
-
 class ConfirmError(UserError):
     """A study with nothing to confirm, or a budget no front mask meets."""
 
 
-class CorpusSection(_Section):
+class CorpusSection(Section):
     """Healing text: local .txt/.jsonl files or an HF dataset; default: the study's calibration text."""
 
     files: list[str] = Field(default_factory=list)
@@ -58,35 +55,37 @@ class CorpusSection(_Section):
     end: float = Field(1.0, ge=0.0, le=1.0)
 
 
-class HealSection(_Section):
-    rank: int = Field(8, ge=1)
-    alpha: float = Field(16.0, gt=0)
+class HealSection(Section):
+    rank: int = Field(8, ge=1, le=4096)
+    alpha: float = Field(16.0, gt=0, le=1e6)
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
-    steps: int = Field(100, ge=1)
-    lr: float = Field(2e-3, gt=0)
-    batch_size: int = Field(8, ge=1)
-    seq_len: int = Field(256, ge=2)
-    warmup: int = Field(10, ge=0)
-    weight_decay: float = Field(0.0, ge=0.0)
-    grad_clip: float = Field(1.0, gt=0)
+    steps: int = Field(100, ge=1, le=COUNT_MAX)
+    lr: float = Field(2e-3, gt=0, le=10.0)
+    batch_size: int = Field(8, ge=1, le=BATCH_MAX)
+    seq_len: int = Field(256, ge=2, le=TOKENS_MAX)
+    warmup: int = Field(10, ge=0, le=COUNT_MAX)
+    weight_decay: float = Field(0.0, ge=0.0, le=1e3)
+    grad_clip: float = Field(1.0, gt=0, le=1e6)
     distill: float = Field(0.0, ge=0.0, le=1.0)  # weight of KL to the dense model's logits
-    temperature: float = Field(1.0, gt=0)
+    temperature: float = Field(1.0, gt=0, le=1e3)
     quantize: Literal["auto", "4bit", "none"] = "auto"  # auto: QLoRA (4-bit NF4) on CUDA, plain LoRA on CPU
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
-    seed: int = 0
+    seed: Seed = 0
     corpus: CorpusSection | None = None
 
     def settings(self) -> HealSettings:
         return HealSettings(**self.model_dump(exclude={"corpus"}))
 
 
-class ConfirmSettings(_Section):
+class ConfirmSettings(Section):
     tasks: list[str] = Field(default_factory=lambda: list(DEFAULT_TASKS), min_length=1)
-    limit: int | None = Field(None, ge=1)  # samples per task (None: all)
-    limits: dict[str, int | None] = Field(default_factory=dict)  # per-task overrides of limit
-    top_k: int = Field(3, ge=1)  # the K front masks with the lowest held-out perplexity
-    budgets: list[float] = Field(default_factory=list)  # instead: the best front mask removing >= each fraction
-    batch_size: int = Field(8, ge=1)  # lm-eval batch size
+    limit: int | None = Field(None, ge=1, le=SAMPLES_MAX)  # samples per task (None: all)
+    limits: dict[str, Annotated[int, Field(ge=1, le=SAMPLES_MAX)] | None] = Field(  # per-task overrides of limit
+        default_factory=dict)
+    top_k: int = Field(3, ge=1, le=1000)  # the K front masks with the lowest held-out perplexity
+    budgets: list[Annotated[float, Field(gt=0.0, lt=1.0)]] = Field(  # instead: the best front mask removing >= each
+        default_factory=list)
+    batch_size: int = Field(8, ge=1, le=BATCH_MAX)  # lm-eval batch size
     heal: HealSection = Field(default_factory=HealSection)
 
     def fingerprint(self) -> str:
@@ -387,8 +386,7 @@ def confirm(study_dir: Path, config: StudyConfig, settings: ConfirmSettings, can
     dense, tokenizer = load_checked(name, dtype=config.model.dtype, device=config.model.device,
                                     trust_remote_code=trust)
     data = torch.cat([corpus_windows(source, tokenizer, settings.heal.seq_len) for source in sources])
-    out = study_dir / OUT_DIR
-    out.mkdir(parents=True, exist_ok=True)
+    out = study_dir / OUT_DIR  # created by its first file: a refusal leaves none
     ctx = {"dense": dense, "tokenizer": tokenizer, "settings": settings, "data": data, "source": name}
     dense_result = dense_scores(ctx, out, progress)
     records = []

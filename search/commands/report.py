@@ -80,6 +80,7 @@ def load_study_dir(study_dir: Path) -> tuple[StudyRecord, str, object]:
     record = open_record(url, create=False, name=config.study_name)
     if record is None:
         raise StudyDirError(f"{study_dir}: no study {config.study_name!r} in {url} (run `search.study run` first)")
+    record.check_stored()  # a damaged attribute: one message naming it
     return record, url, config
 
 

@@ -39,10 +39,12 @@ from search.studydir import CONFIG_COPY, output_dir_problem
 from search import studydir
 from search.evaluation.context import SearchContext
 from search.commands.report import write_report
-from search.record import PRIMARY_COLUMN, StudyRecord, open_record, strategy_problems
+from search.record import PRIMARY_COLUMN, StudyInUseError, StudyRecord, open_record, strategy_problems
+from search.writers import writer_claim, writer_problem
 from surgery.files import atomic_write_text
 from surgery.mask import KeepMask
 
+COMMAND = "python -m search.study run"
 
 def main(args: argparse.Namespace) -> int:
     config = load_config(args.config)
@@ -50,20 +52,30 @@ def main(args: argparse.Namespace) -> int:
         config.output_dir = args.output_dir
     if args.storage is not None:
         config.storage = args.storage
-    problems = config_problems(config) + environment_problems(config, dry_run=args.dry_run)
+    problems = config_problems(config) + environment_problems(config)
     if problems:
         raise ConfigError(format_problems(config.source, problems))
     if args.dry_run:
-        print(describe_plan(config, _probe(config)))
-        return 0
+        return dry_run(config)
     return execute(config, progress=not args.no_progress)
 
 
-def environment_problems(config: StudyConfig, *, dry_run: bool = False) -> list[str]:
-    """What the config points at on this machine: the device (not for a dry run, which may plan for another
-    machine), the storage and the output directory. Reads only."""
+def dry_run(config: StudyConfig) -> int:
+    """Every check ``run`` makes before it writes, except those that need the weights: print the plan and what
+    was not checked."""
+    from surgery.load import resolve_device
+
+    prepared = _probe(config)
+    current = studydir.fingerprint(config, resolve_device(config.model.device).type)
+    check_stored_study(config, storage_url(config.storage, config.output_dir), current)
+    print(describe_plan(config, prepared))
+    return 0
+
+
+def environment_problems(config: StudyConfig) -> list[str]:
+    """What the config points at on this machine: the device, the storage and the output directory. Reads only."""
     out, url = Path(config.output_dir), storage_url(config.storage, config.output_dir)
-    problems = [] if dry_run else [device_problem("model.device", config.model.device)]
+    problems = [device_problem("model.device", config.model.device)]
     problems += [*storage_problems(url, out), output_dir_problem(out),
                  studydir.storage_change_problem(out, url, config.study_name)]
     return [p for p in problems if p]
@@ -191,8 +203,7 @@ def describe_plan(config: StudyConfig, prepared: Prepared | None) -> str:
     name, local = model_source(config)
     out = Path(config.output_dir)
     lines = [f"study {config.source}: valid", f"  model: {name} ({'local' if local else 'hub id, not loaded'})"]
-    missing = device_problem("model.device", config.model.device)
-    lines += [f"  device: {config.model.device}" + (" (not on this machine: runs elsewhere)" if missing else "")]
+    lines.append(f"  device: {config.model.device}")
     for key, section in [*calibration_sections(config), *((h.key, h.section) for h in heldout_sets(config))]:
         spec = text_source(config, section)
         lines.append(f"  {key}: {spec.source.describe()}, {spec.num_sequences} x {spec.seq_len} tokens, seed {spec.seed}")
@@ -206,7 +217,17 @@ def describe_plan(config: StudyConfig, prepared: Prepared | None) -> str:
         lines.append(f"  strategy {entry.tag}: {entry.name} {entry.settings or ''}".rstrip())
     lines.append(f"  storage: {storage_url(config.storage, out)}, study {config.study_name!r}")
     lines.append(f"  output: {out}" + (" (exists: re-running resumes it)" if out.exists() else ""))
-    return "\n".join(lines)
+    return "\n".join(lines + [f"  not checked: {what}" for what in unchecked(config, prepared)])
+
+
+def unchecked(config: StudyConfig, prepared: Prepared | None) -> list[str]:
+    """What a dry run cannot check without the weights (``run`` checks it before it writes)."""
+    what = ["the weights themselves (a damaged weight file shows when run loads it)"]
+    if prepared is None:
+        what.append("the hub model's config, positions, budgets and token windows (a hub id is not fetched)")
+    if any(n.startswith("latency") for n in budget_names(config)):
+        what.append("the latency budgets (profiled on the device by run)")
+    return what
 
 
 # the study directory ---------------------------------------------------------------------------------------
@@ -350,20 +371,36 @@ def execute(config: StudyConfig, *, progress: bool = True) -> int:
     out = Path(config.output_dir)
     url = storage_url(config.storage, out)
     current = studydir.fingerprint(config, next(model.parameters()).device.type)
-    studydir.check_resume(open_record(url, create=False, name=config.study_name), current, out, config.source, url)
+    check_stored_study(config, url, current)
     created = studydir.make_dirs(out)
     try:
-        with studydir.StudyLock(out, "python -m search.study run"):
+        with studydir.StudyLock(out, COMMAND):
             record = open_record(url, create=True, name=config.study_name)
-            studydir.check_resume(record, current, out, config.source, url)  # again: another run may have started it
-            problems = strategy_problems(record, config.strategies)
-            if problems:
-                raise ConfigError(format_problems(config.source, problems))
-            save_config_copy(config, out)
-            return _search(config, record, url, model, prepared, current, progress=progress)
+            with writer_claim(record, COMMAND, str(out.resolve())):
+                studydir.check_resume(record, current, out, config.source, url)  # again: another run may have started it
+                problems = strategy_problems(record, config.strategies)
+                if problems:
+                    raise ConfigError(format_problems(config.source, problems))
+                save_config_copy(config, out)
+                return _search(config, record, url, model, prepared, current, progress=progress)
     except BaseException:
         studydir.remove_if_empty(created)
         raise
+
+
+def check_stored_study(config: StudyConfig, url: str, current: dict) -> None:
+    """Read only, before anything is written: a study already stored under this name is undamaged, made with the
+    same settings (fingerprint, strategy tags) and written by no other live run."""
+    stored = open_record(url, create=False, name=config.study_name)
+    if stored is not None:
+        stored.check_stored()
+    studydir.check_resume(stored, current, Path(config.output_dir), config.source, url)
+    problems = strategy_problems(stored, config.strategies)
+    if problems:
+        raise ConfigError(format_problems(config.source, problems))
+    busy = writer_problem(url, config.study_name)
+    if busy:
+        raise StudyInUseError(busy)
 
 
 def _search(config: StudyConfig, record: StudyRecord, url: str, model, prepared: Prepared, fingerprint: dict,

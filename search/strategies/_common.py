@@ -16,11 +16,17 @@ Results = dict[float, KeepMask | None]
 
 
 # settings ------------------------------------------------------------------------------------------------
+INT_MAX = 10_000_000  # every whole-number setting's upper bound (trials, generations, samples, masks)
+SEED_MAX = 2**32 - 1  # a ``seed`` setting's
+
+
 def check_int(name: str, value, *, minimum: int = 1, allow_none: bool = False) -> int | None:
+    """An integer in [minimum, INT_MAX] ([0, SEED_MAX] for ``seed``), or None when allowed."""
     if value is None and allow_none:
         return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise StrategySettingsError(f"setting {name!r} must be an integer >= {minimum}, got {value!r}")
+    maximum = SEED_MAX if name == "seed" else INT_MAX
+    if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= maximum:
+        raise StrategySettingsError(f"setting {name!r} must be an integer in [{minimum}, {maximum}], got {value!r}")
     return value
 
 
