@@ -28,7 +28,7 @@ from surgery.mask import KeepMask
 from surgery.errors import UserError
 
 
-ROOT = str(Path(__file__).resolve().parents[1])  # workers import this package from here
+ROOT = str(Path(__file__).resolve().parents[2])  # the project root: workers import search/, surgery/, objectives/ from here
 
 
 class ExecutorError(UserError):
