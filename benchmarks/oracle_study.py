@@ -127,7 +127,7 @@ def run(args: argparse.Namespace, out: Path) -> int:
     created = not path.exists()
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")
-    code = subprocess.call([sys.executable, "-m", "search.study", "run", str(path), "--no-progress"], cwd=ROOT)
+    code = subprocess.call([sys.executable, "-m", "search.study", "run", str(path.resolve()), "--no-progress"], cwd=ROOT)
     if code == 2 and created:
         path.unlink()  # a config the study refused (its message says why) is not left behind
     if code == 0:
