@@ -11,6 +11,8 @@ is exported with ``--format gguf`` from its ``.gguf`` file (kept tensors copied 
 2. speed: prefill (``--prefill`` tokens) and decode (``--steps`` tokens after ``--context``) of the dense and every
    pruned file in one round-robin of ``--repeats`` repeats, medians, ratios to dense, and the ideal ratio (dense
    matrix work / pruned matrix work: decode counts the LM head on every token, prefill only the blocks).
+With ``--f16`` the dense model and the first mask are also written in f16 from the dequantized model (tokenizer
+copied from the file): their gap shows the pruned graph without llama.cpp's quantized arithmetic.
 Needs llama-cpp-python (``pip install 'depthsearch[llamacpp]'``).
 """
 
@@ -77,19 +79,24 @@ def smoke_source(tmp: Path) -> Path:
 
 def run(args, tmp: Path) -> dict:
     source = smoke_source(tmp) if args.smoke else Path(args.model)
-    masks = SMOKE_MASKS if args.smoke else MASKS
+    masks = dict(SMOKE_MASKS if args.smoke else MASKS)
     model, tokenizer = load_model(str(source), dtype="float32", device="cpu")
-    files = {"dense": source}
-    start = time.time()
-    for label, mask in masks.items():
-        options = ExportOptions("gguf", source_file=source)
-        files[label] = export_pruned(model, tokenizer, mask, tmp / label.replace("%", "pct").replace(" ", "_"),
-                                     options=options) / FILE_NAME
-    export_s = (time.time() - start) / len(masks)
+    dense = ",".join(["AM"] * model.config.num_hidden_layers)
+    plan = {"dense": (dense, None), **{label: (mask, None) for label, mask in masks.items()}}
+    if args.f16:  # the same masks written in f16 from the dequantized model: the pruned graph without quantization
+        first = next(iter(masks))
+        plan.update({"dense f16": (dense, "f16"), f"{first} f16": (masks[first], "f16")})
+    files, start = {"dense": source}, time.time()
+    for label, (mask, outtype) in plan.items():
+        if label != "dense":
+            folder = tmp / label.replace("%", "pct").replace(" ", "_")
+            options = ExportOptions("gguf", outtype, source)
+            files[label] = export_pruned(model, tokenizer, mask, folder, options=options) / FILE_NAME
+    export_s = (time.time() - start) / (len(plan) - 1)
     windows = token_windows(tokenizer, Path(args.text), args.windows, args.seq_len)
     rows = {}
     for label, path in files.items():
-        mask = masks.get(label, ",".join(["AM"] * model.config.num_hidden_layers))
+        mask = plan[label][0]
         rows[label] = {"mask": mask, "llamacpp_ppl": perplexity(path, windows, threads=args.threads),
                        "torch_ppl": torch_perplexity(model, mask, windows), "work": matmul_work(path),
                        "bytes": path.stat().st_size}
@@ -97,8 +104,9 @@ def run(args, tmp: Path) -> dict:
                              threads=args.threads)
     timed = speeds(files, settings)
     for label, row in rows.items():
+        base = rows["dense f16" if label.endswith("f16") else "dense"]
         row.update(timed[label])
-        row["ideal"] = ideal_speedups(rows["dense"]["work"], row["work"])
+        row["ideal"] = ideal_speedups(base["work"], row["work"])
     return {"rows": rows, "settings": settings, "export_s": export_s, "source": source}
 
 
@@ -117,14 +125,16 @@ def markdown(result: dict, args, command: str) -> str:
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for label, r in rows.items():
+        base = rows["dense f16" if label.endswith("f16") else "dense"]
         gap = r["llamacpp_ppl"] / r["torch_ppl"] - 1
-        px, dx = dense["prefill_ms"] / r["prefill_ms"], dense["decode_ms"] / r["decode_ms"]
+        px, dx = base["prefill_ms"] / r["prefill_ms"], base["decode_ms"] / r["decode_ms"]
         ip, idd = r["ideal"]["prefill"], r["ideal"]["decode"]
         lines.append(f"| {label} | `{r['mask']}` | {r['bytes'] / 2**20:.1f} | {r['llamacpp_ppl']:.2f} | "
                      f"{r['torch_ppl']:.2f} | {gap:+.2%} | {r['prefill_tok_s']:.0f} | {r['decode_tok_s']:.1f} | "
                      f"{px:.3f} | {dx:.3f} | {ip:.3f} | {idd:.3f} | {px / ip:.0%} | {dx / idd:.0%} |")
     lines += ["", f"Gap = llama.cpp perplexity / transformers perplexity - 1; the dense file's own gap "
-              f"(quantized kernels against the dequantized float32 model) is {dense_gap:+.2%}.", ""]
+              f"(quantized kernels against the dequantized float32 model) is {dense_gap:+.2%}. Speed ratios are to the dense "
+              "file of the same type (the f16 rows: to `dense f16`).", ""]
     return "\n".join(lines)
 
 
@@ -139,6 +149,8 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--f16", action="store_true",
+                        help="also write the dense model and the first mask in f16 (from the dequantized model)")
     parser.add_argument("--smoke", action="store_true", help="stories260k, one repeat: checks the script in seconds")
     parser.add_argument("--out", default=None, help="also write the markdown table here")
     args = parser.parse_args(argv)

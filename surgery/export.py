@@ -162,7 +162,8 @@ def _write_gguf(job: ExportJob, directory: Path) -> str:
 
     arch = write_gguf(job.model, job.tokenizer, job.mask, directory, source_file=job.options.source_file,
                       outtype=job.options.outtype)
-    how = "tensors copied from the source file" if job.options.source_file else (job.options.outtype or "f16")
+    copied = job.options.source_file is not None and job.options.outtype is None
+    how = "tensors copied from the source file" if copied else (job.options.outtype or "f16")
     return f"format: GGUF `{FILE_NAME}`, llama.cpp architecture `{arch}` ({how})"
 
 
@@ -323,10 +324,7 @@ def run(args: argparse.Namespace) -> Path:
     source = Path(args.model).expanduser() if looks_local(args.model) else None
     protect = (("the source model", source),)
     check_target(Path(args.out), args.force, protect=protect)
-    if options.source_file is not None:
-        if options.outtype is not None:
-            raise ExportError(f"--outtype {options.outtype}: a .gguf source ({args.model}) keeps its own "
-                              "quantization (its tensors are copied as they are); leave --outtype out")
+    if options.source_file is not None and options.outtype is None:
         out = export_gguf_file(options.source_file, mask, args.out, source=args.model, force=args.force,
                                protect=protect)
     else:

@@ -14,5 +14,6 @@ def add_format_arguments(parser: argparse.ArgumentParser) -> None:
                         help="hf: transformers checkpoint (default); gguf: one model.gguf for llama.cpp; "
                              "decilm: DeciLM checkpoint with block_configs for vLLM")
     parser.add_argument("--outtype", default=None, choices=GGUF_OUTTYPES,
-                        help="--format gguf from a transformers model: weight type (default f16); a .gguf "
-                             "source keeps its own quantization")
+                        help="--format gguf: weight type (default f16); a .gguf source keeps its own "
+                             "quantization unless this is given (then its dequantized weights are written in "
+                             "this type, its tokenizer copied)")

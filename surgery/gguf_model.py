@@ -114,13 +114,15 @@ def llama3_rope_factors(params: dict, theta: float, dim: int) -> np.ndarray:
     return np.asarray(factors, dtype=np.float32)
 
 
-def write_from_model(model, tokenizer, mask: KeepMask, path: Path, outtype: str) -> str:
-    """Write ``path`` from the dense transformers ``model`` and ``tokenizer``, pruned by ``mask``."""
+def write_from_model(model, tokenizer, mask: KeepMask, path: Path, outtype: str, *,
+                     tokenizer_file: Path | None = None) -> str:
+    """Write ``path`` from the dense transformers ``model`` and ``tokenizer``, pruned by ``mask``; with
+    ``tokenizer_file`` (the ``.gguf`` file the model was read from) the tokenizer metadata is copied from there."""
     from gguf import GGUFWriter
 
     config = model.config
     qtype = _qtype(outtype)
-    if tokenizer is None:
+    if tokenizer is None and tokenizer_file is None:
         raise GgufExportError("--format gguf needs the model's tokenizer (none was found with the model)")
     arch, out, shape = architecture(mask), blocks(mask), _shape(config)
     writer = GGUFWriter(path, arch, use_temp_file=False)
@@ -132,7 +134,10 @@ def write_from_model(model, tokenizer, mask: KeepMask, path: Path, outtype: str)
     writer.add_vocab_size(int(config.vocab_size))
     writer.add_file_type(_file_type(outtype))
     _rope(writer, config, shape)
-    add_tokenizer(writer, tokenizer, int(config.vocab_size))
+    if tokenizer_file is not None:
+        copy_tokenizer(writer, tokenizer_file)
+    else:
+        add_tokenizer(writer, tokenizer, int(config.vocab_size))
     for name, tensor in _tensors(model, mask, shape):
         array, kind = _encoded(tensor, qtype)
         writer.add_tensor(name, array, raw_shape=array.shape, raw_dtype=kind)
@@ -142,6 +147,17 @@ def write_from_model(model, tokenizer, mask: KeepMask, path: Path, outtype: str)
 
 
 # tokenizer ------------------------------------------------------------------------------------------------------
+def copy_tokenizer(writer, source: Path) -> None:
+    """Every ``tokenizer.*`` field of the GGUF file ``source``, as it is there (vocabulary, merges, special
+    tokens, chat template)."""
+    from gguf import GGUFReader, GGUFValueType
+
+    for key, field in GGUFReader(source).fields.items():
+        if key.startswith("tokenizer."):
+            kind = field.types[0]
+            writer.add_key_value(key, field.contents(), kind, field.types[-1] if kind == GGUFValueType.ARRAY else None)
+
+
 def _vocab(directory: Path):
     from gguf.vocab import LlamaHfVocab, SentencePieceVocab
 

@@ -140,14 +140,10 @@ def test_gguf_from_a_gguf_source_copies_kept_tensors_and_runs(stories_gguf, stor
     assert perplexity(got, story_tokens) == pytest.approx(perplexity(want, story_tokens), rel=0.005)
 
 
-def test_gguf_refusals_write_nothing(tiny, stories, stories_gguf, tmp_path):
+def test_gguf_refusals_write_nothing(tiny, tmp_path):
     qwen = tiny("qwen2")
     with pytest.raises(UserError, match="GGUF export supports the llama family"):
         export_pruned(qwen, None, "AM,A-,AM", tmp_path / "q", options=ExportOptions("gguf"))
-    model, tokenizer = stories
-    with pytest.raises(UserError, match="keeps its own quantization"):
-        export_pruned(model, tokenizer, "AM,A-,AM,AM,AM", tmp_path / "o",
-                      options=ExportOptions("gguf", "q8_0", source_file=stories_gguf))
     with pytest.raises(UserError, match="applies to --format gguf only"):
         ExportOptions("hf", "q8_0")
     assert not any(tmp_path.iterdir())
@@ -265,3 +261,43 @@ def test_study_export_takes_format(stories_gguf, tmp_path):
                            "--out", str(target)]) == 0
         assert json.loads((target / "depthsearch-export.json").read_text())["format"] == format
     assert (tmp_path / "gguf" / FILE_NAME).is_file() and (tmp_path / "decilm" / "modeling_decilm.py").is_file()
+
+
+def test_a_llamacpp_latency_profile_is_what_the_latency_budget_reads(stories, stories_gguf, tmp_path):
+    """Timings of pruned GGUF files in llama.cpp, fitted and saved as the study's ``latency.profile``, are the
+    ``latency_decode_ms`` / ``latency_prefill_ms`` tables (nothing is re-measured in torch)."""
+    from objectives.latency import device_name, latency_costs, model_signature
+    from objectives.llamacpp import SpeedSettings, calibration_masks, llamacpp_profile, speeds
+    from surgery.gguf_export import copy_from_gguf
+
+    _llama_cpp()
+    model = stories[0]
+    masks = calibration_masks(5)
+    files = {}
+    for index, (name, mask) in enumerate(masks.items()):
+        files[name] = tmp_path / f"{index}.gguf"
+        copy_from_gguf(stories_gguf, KeepMask.parse(mask), files[name])
+    settings = SpeedSettings(seq_len=16, context=16, steps=2, repeats=1, warmup=0, threads=1)
+    profile = llamacpp_profile(speeds(files, settings), masks, signature=model_signature(model),
+                               device=device_name(torch.device("cpu")), settings=settings)
+    path = profile.save(tmp_path / "latency.json")
+    for phase in ("prefill", "decode"):
+        table = latency_costs(model, phase, {"profile": str(path), "seq_len": 16, "context": 16})
+        assert table.per_sublayer == tuple(profile.phases[phase].per_sublayer_ms)
+        assert table.fixed == profile.phases[phase].fixed_ms
+
+
+def test_gguf_source_rewritten_in_another_type_keeps_its_tokenizer(stories_gguf, story_tokens, tmp_path):
+    from gguf import GGUFReader
+
+    from surgery.load import load_model
+
+    model, tokenizer = load_model(str(stories_gguf), dtype="float32", device="cpu")
+    mask = "AM,A-,-M,AM,--"
+    out = export_pruned(model, None, mask, tmp_path / "q", options=ExportOptions("gguf", "q8_0", stories_gguf))
+    reader, source = GGUFReader(out / FILE_NAME), GGUFReader(stories_gguf)
+    for key in ("tokenizer.ggml.model", "tokenizer.ggml.tokens", "tokenizer.ggml.scores"):
+        assert reader.get_field(key).contents() == source.get_field(key).contents()
+    got = llama_cpp_logits(out / FILE_NAME, story_tokens)
+    want = perplexity(torch_logits(model, mask, story_tokens), story_tokens)
+    assert perplexity(got, story_tokens) == pytest.approx(want, rel=0.03)  # q8_0 weights and activations
