@@ -5,6 +5,7 @@ study that `run` would refuse, each end with one message, exit 2 and nothing wri
 from __future__ import annotations
 
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -111,15 +112,22 @@ def test_a_malformed_storage_url_is_one_problem(tmp_path, capsys, url):
                 tmp_path)
 
 
-@pytest.mark.slow  # lm-eval's task index takes a minute to build
+@pytest.mark.slow  # lm-eval's task index takes minutes to build
 @pytest.mark.parametrize("task", ["arc_easy", "hellaswag"])
-def test_confirm_with_a_hub_task_that_cannot_load_here_writes_nothing(tmp_path, capsys, monkeypatch, task):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+def test_confirm_with_a_hub_task_that_cannot_load_here_writes_nothing(tmp_path, capsys, task):
+    import os
+    import subprocess
+    import sys
+
     out = tmp_path / "out"
     config = write_yaml(tmp_path / "c.yaml", study_config(out, strategies=[{"name": "shortgpt"}]))
     assert study_main(["run", str(config), "--no-progress"]) == 0
-    capsys.readouterr()
-    refused(capsys, study_main, ["confirm", str(out), "--tasks", task, "--no-progress"],
-            [f"benchmark task {task!r}: cannot load its data"], tmp_path)
-    assert not (out / "confirm").exists()
+    before = sorted(p.name for p in out.iterdir())
+    offline = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    done = subprocess.run([sys.executable, "-m", "search.study", "confirm", str(out), "--tasks", task, "--no-progress"],
+                          cwd=Path(__file__).resolve().parents[1], env=offline, capture_output=True, text=True)
+    assert done.returncode == 2, done.stderr[-3000:]
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "Traceback" not in done.stderr, done.stderr[-3000:]
+    assert f"benchmark task {task!r}: cannot load its data" in errors[0]
+    assert sorted(p.name for p in out.iterdir()) == before  # no confirm/

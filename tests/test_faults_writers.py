@@ -46,7 +46,7 @@ def _storage(kind: str, tmp_path: Path, request) -> str:
     return postgres.fresh_database(request.getfixturevalue("pg_server"))
 
 
-KINDS = ["sqlite", "journal", pytest.param("postgresql", marks=pytest.mark.slow)]
+KINDS = ["sqlite", "journal", "postgresql"]
 
 
 def _holder(url: str) -> subprocess.Popen:
@@ -78,16 +78,20 @@ def _claims(url: str) -> list[tuple[str, float | None]]:
     return [(t.state.name, t.value) for t in owner.get_trials(deepcopy=False)]
 
 
+@pytest.mark.slow  # a holder process and a refused run: ~10 s each
 @pytest.mark.parametrize("kind", KINDS)
 def test_a_live_holder_refuses_every_other_run_and_a_dead_ones_claim_is_taken_over(tmp_path, capsys, kind,
                                                                                    request):
     url = _storage(kind, tmp_path, request)
     holder = _holder(url)
     try:
-        config = write_yaml(tmp_path / "c.yaml", study_config(tmp_path / "out", storage=url))
+        work = tmp_path / "work"  # the storage beside it changes: the holder's heartbeat
+        work.mkdir()
+        config = write_yaml(work / "c.yaml", study_config(work / "out", storage=url))
         refused(capsys, study_main, ["run", str(config), "--no-progress"],
                 ["is being written by `the holder`", f"pid {holder.pid} on {socket.gethostname()}",
-                 "output_dir /elsewhere"], tmp_path)
+                 "output_dir /elsewhere"], work)
+        assert _claims(url) == [("RUNNING", None)]  # the refused run left no claim
         with pytest.raises(StudyInUseError, match="the holder"):
             with writer_claim(open_record(url), "in process"):
                 pass
