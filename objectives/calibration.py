@@ -31,6 +31,20 @@ class TextSource:
     start: float = 0.0
     end: float = 1.0
 
+    @classmethod
+    def parse(cls, spec: str) -> "TextSource":
+        """``PATH`` or ``PATH:START:END`` (fractions of the file's characters) as a source of that slice."""
+        path, start, end = spec, 0.0, 1.0
+        head, *cut = spec.rsplit(":", 2)
+        if len(cut) == 2:
+            try:
+                path, start, end = head, float(cut[0]), float(cut[1])
+            except ValueError:
+                pass
+        if not 0 <= start < end <= 1:
+            raise DataError(f"text {spec!r}: START:END must be fractions with 0 <= START < END <= 1")
+        return cls(files=(path,), start=start, end=end)
+
     def describe(self) -> str:
         where = ",".join(self.files) if self.files else f"{self.dataset}:{self.dataset_config or ''}:{self.split}"
         return f"{where}[{self.start:g}:{self.end:g}]"

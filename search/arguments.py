@@ -10,7 +10,7 @@ import argparse
 from pathlib import Path
 
 from surgery.cli import fraction, non_negative_int, positive_float, positive_int
-from surgery.formats import add_format_arguments
+from surgery.formats import add_format_arguments, add_repair_arguments
 
 
 def study_config(text: str) -> str:
@@ -50,6 +50,7 @@ def export(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, help="directory for the exported model")
     parser.add_argument("--force", action="store_true", help="replace a previous export at --out")
     add_format_arguments(parser)
+    add_repair_arguments(parser)
     parser.add_argument("--trust-remote-code", action="store_true",
                         help="allow the study's model to run its own code (when its config asks for it)")
 

@@ -31,8 +31,9 @@ from .families import Family, family_for, get_path
 from .mask import KeepMask, sublayer_name
 from .masking import masked
 from .params import num_params
+from .repair import LinearRepair, folded
 from .cli import Parser, load_checked, run_cli
-from .formats import FORMATS, add_format_arguments
+from .formats import FORMATS, add_format_arguments, add_repair_arguments
 
 MODULE_FILE = "pruned_modeling.py"
 
@@ -121,12 +122,16 @@ class ExportOptions:
     format: str = "hf"
     outtype: str | None = None  # gguf from a transformers model: f16 (default), bf16 or q8_0
     source_file: Path | None = None  # the .gguf file the model was loaded from: gguf copies its tensors
+    repair: str = "none"  # "linear": the kept weights get the training-free repair (surgery/repair.py)
 
     def __post_init__(self) -> None:
         if self.format not in WRITERS:
             raise ExportError(f"--format {self.format!r}: choose one of {', '.join(WRITERS)}")
         if self.outtype is not None and self.format != "gguf":
             raise ExportError(f"--outtype {self.outtype} applies to --format gguf only (got --format {self.format})")
+        if self.repair != "none" and self.source_file is not None and self.outtype is None:
+            raise ExportError(f"--repair {self.repair} rewrites kept weights, which a copy of the .gguf source's "
+                              "tensors cannot carry: give --outtype (f16, bf16 or q8_0)")
 
 
 @dataclass
@@ -189,10 +194,12 @@ def export_pruned(
     force: bool = False,
     protect: tuple[tuple[str, Path], ...] = (),
     options: ExportOptions | None = None,
+    repair: LinearRepair | None = None,
 ) -> Path:
     """Write the pruned model, tokenizer and a model card to ``out_dir`` atomically; ``model`` is left unchanged.
     ``force`` replaces only a previous export (see ``surgery.export_target``); ``protect`` names paths (the source
-    model, a study) that ``out_dir`` must neither be nor hold; ``options`` picks the format (default hf)."""
+    model, a study) that ``out_dir`` must neither be nor hold; ``options`` picks the format (default hf);
+    ``repair``'s maps are folded into the kept weights of the export."""
     options = options or ExportOptions()
     out_dir = Path(out_dir)
     check_target(out_dir, force, protect=protect)
@@ -200,7 +207,8 @@ def export_pruned(
     layers = len(get_path(model, family.layers))
     mask = KeepMask.parse(mask, layers) if isinstance(mask, str) else mask
     mask.check_layers(layers)
-    with masked(model, KeepMask.dense(layers)):  # a runtime mask left applied (by a scorer) must not leak in
+    # a runtime mask left applied (by a scorer) must not leak in; the repair is folded for the writing only
+    with masked(model, KeepMask.dense(layers)), folded(model, repair):
         counts = {"dense_params": num_params(model)}
         pruned = prune_model(copy.deepcopy(model), mask)
         counts["pruned_params"] = num_params(pruned)
@@ -294,6 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dtype", default="float32", help="float32 (default), bfloat16 or float16")
     parser.add_argument("--force", action="store_true", help="replace a previous export at --out")
     add_format_arguments(parser)
+    add_repair_arguments(parser)
     parser.add_argument("--trust-remote-code", action="store_true",
                         help="allow a model folder that ships its own Python code (auto_map) to run it")
     return parser
@@ -304,8 +313,22 @@ def export_options(args: argparse.Namespace, model_name: str) -> ExportOptions:
     from .gguf_source import is_gguf
 
     format, outtype = getattr(args, "format", "hf"), getattr(args, "outtype", None)
+    repair = getattr(args, "repair", "none")
+    if getattr(args, "calibration", None) and repair == "none":
+        raise ExportError("--calibration is the text --repair linear fits on: give --repair linear too")
     source_file = Path(model_name).expanduser() if format == "gguf" and is_gguf(model_name) else None
-    return ExportOptions(format, outtype, source_file)
+    return ExportOptions(format, outtype, source_file, repair)
+
+
+def fitted_repair(options: ExportOptions, model: nn.Module, tokenizer, mask: KeepMask,
+                  calibration: list[str] | None) -> tuple[LinearRepair | None, dict]:
+    """The repair ``options`` ask for, fitted on ``calibration`` (default: bundled text), and its model-card line."""
+    if options.repair == "none":
+        return None, {}
+    from .repair import describe, fit_for_export
+
+    repair = fit_for_export(model, tokenizer, mask, calibration)
+    return repair, {"repair": describe(repair)}
 
 
 def describe(out: Path) -> str:
@@ -330,8 +353,9 @@ def run(args: argparse.Namespace) -> Path:
     else:
         model, tokenizer = load_checked(args.model, dtype=args.dtype, device="cpu",
                                         trust_remote_code=args.trust_remote_code)
+        repair, metrics = fitted_repair(options, model, tokenizer, mask, args.calibration)
         out = export_pruned(model, tokenizer, mask, args.out, source=args.model, force=args.force, protect=protect,
-                            options=options)
+                            options=options, metrics=metrics or None, repair=repair)
     card = (out / "README.md").read_text().splitlines()
     print(f"exported {describe(out)} to {out}")
     print(f"kept {len(mask.kept)} / removed {mask.num_removed} of {len(mask.bits)} sublayers "

@@ -31,6 +31,10 @@ class Family:
     residual: str = "sequential"  # "sequential": h += attn(..); h += ffn(..)   "parallel": h += attn(..) + ffn(..)
     final_norm: str = "model.norm"  # dotted path of the norm between the last decoder layer and the output head
     lora: tuple[str, ...] = ()  # projection names healing puts LoRA adapters on (removed sublayers hold none)
+    # the nn.Linear each sublayer ends in, whose output is added to the residual stream as it is (dotted, in a
+    # layer); training-free repair folds its map there. None: the output passes a norm first, or a mixture
+    attn_out: str | None = None
+    ffn_out: str | None = None
     check: Callable[[Any], str | None] | None = None  # returns a reason when a config variant is unsupported
 
 
@@ -45,17 +49,20 @@ def _neox_residual(config: Any) -> str:
 
 
 _PRE_NORM = dict(attn="self_attn", ffn=("mlp",), attn_norms=("input_layernorm",), ffn_norms=("post_attention_layernorm",))
+_OUT = dict(attn_out="self_attn.o_proj", ffn_out="mlp.down_proj")
 _QKVO = ("q_proj", "k_proj", "v_proj", "o_proj")
 _SWIGLU = _QKVO + ("gate_proj", "up_proj", "down_proj")
 
 FAMILIES: dict[str, Family] = {
-    "llama": Family("llama", "model.layers", **_PRE_NORM, lora=_SWIGLU),
-    "mistral": Family("mistral", "model.layers", **_PRE_NORM, lora=_SWIGLU),
-    "qwen2": Family("qwen2", "model.layers", **_PRE_NORM, lora=_SWIGLU),
-    "qwen3": Family("qwen3", "model.layers", **_PRE_NORM, lora=_SWIGLU),
-    "phi3": Family("phi3", "model.layers", **_PRE_NORM, lora=("qkv_proj", "o_proj", "gate_up_proj", "down_proj")),
+    "llama": Family("llama", "model.layers", **_PRE_NORM, **_OUT, lora=_SWIGLU),
+    "mistral": Family("mistral", "model.layers", **_PRE_NORM, **_OUT, lora=_SWIGLU),
+    "qwen2": Family("qwen2", "model.layers", **_PRE_NORM, **_OUT, lora=_SWIGLU),
+    "qwen3": Family("qwen3", "model.layers", **_PRE_NORM, **_OUT, lora=_SWIGLU),
+    "phi3": Family("phi3", "model.layers", **_PRE_NORM, **_OUT,
+                   lora=("qkv_proj", "o_proj", "gate_up_proj", "down_proj")),
     # the sparse MoE block is the FFN sublayer
-    "mixtral": Family("mixtral", "model.layers", **_PRE_NORM, lora=_QKVO + ("w1", "w2", "w3")),
+    "mixtral": Family("mixtral", "model.layers", **_PRE_NORM, attn_out="self_attn.o_proj",
+                      lora=_QKVO + ("w1", "w2", "w3")),
     "gemma2": Family(
         "gemma2", "model.layers", "self_attn", ("mlp",),
         attn_norms=("input_layernorm", "post_attention_layernorm"),
@@ -71,6 +78,7 @@ FAMILIES: dict[str, Family] = {
     "opt": Family(
         "opt", "model.decoder.layers", "self_attn", ("fc1", "fc2"),
         attn_norms=("self_attn_layer_norm",), ffn_norms=("final_layer_norm",), check=_opt_check,
+        attn_out="self_attn.out_proj", ffn_out="fc2",
         final_norm="model.decoder.final_layer_norm", lora=("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"),
     ),
 }

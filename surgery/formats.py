@@ -17,3 +17,16 @@ def add_format_arguments(parser: argparse.ArgumentParser) -> None:
                         help="--format gguf: weight type (default f16); a .gguf source keeps its own "
                              "quantization unless this is given (then its dequantized weights are written in "
                              "this type, its tokenizer copied)")
+
+
+REPAIRS = ("none", "linear")
+
+
+def add_repair_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--repair`` and ``--calibration``, shared by both export commands."""
+    parser.add_argument("--repair", default="none", choices=REPAIRS,
+                        help="linear: fold a least-squares map per run of removed sublayers into the kept sublayer "
+                             "before it (training-free, no new parameters; surgery/repair.py); default none")
+    parser.add_argument("--calibration", action="append", metavar="PATH[:START:END]",
+                        help="--repair: text to fit on, repeatable (default: the bundled WikiText-2 test text "
+                             "[0:0.5] and TinyStories validation stories [0:0.8])")

@@ -10,7 +10,7 @@ The convention:
   model); its block is skipped with that reason. SKIP names the commands a test cannot run, with the reason.
 - Each block runs in its own folder, which links the repository's packages, ``studies``, ``benchmarks``, the
   Makefile and ``runs/``; ``runs/`` is shared by the session, and a ``runs/<name>`` that a command reads is made
-  first, once, as a tiny study of ``studies/<name>.yaml`` (TINY: two quick strategies, 2 x 32 tokens). ``/tmp/``
+  first, once, as a tiny study of ``studies/<name>.yaml`` (TINY: two one-pass strategies, 2 x 32 tokens). ``/tmp/``
   in a command is the block's own folder.
 - A block that reads the SmolLM2 GGUF skips until ``make smollm2`` has fetched it (and fails under ``CI``).
 Static checks (every file a command reads exists or is fetched by a documented command) are fast; running the
@@ -37,7 +37,7 @@ PROGRAMS = ("python", "make", "time")
 LINKED = ("search", "surgery", "objectives", "studies", "benchmarks", "Makefile", "pyproject.toml")
 GGUF = ROOT / "studies/assets/models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf"
 FETCHED = {"studies/assets/models/smollm2-135m-instruct": "make smollm2"}  # path prefix -> the command placing it
-TINY = [{"name": "sleb"}, {"name": "shortgpt"}]  # the strategies of a tiny study
+TINY = [{"name": "shortgpt"}, {"name": "gromov"}]  # the strategies of a tiny study: one forward pass each
 MAKE = "make -o {venv}/.installed VENV={venv}"  # the Makefile with this interpreter's environment, not a new one
 
 SKIP = {"make test": "the default test run itself (this test is part of it)"}

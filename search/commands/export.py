@@ -67,7 +67,7 @@ def main(args: argparse.Namespace) -> int:
     from search.config import model_source
     from search.studydir import study_model
     from surgery.cli import load_checked
-    from surgery.export import check_target, export_gguf_file, export_options, export_pruned
+    from surgery.export import check_target, export_gguf_file, export_options, export_pruned, fitted_repair
     from surgery.mask import KeepMask
 
     study_dir = Path(args.study_dir)
@@ -88,8 +88,10 @@ def main(args: argparse.Namespace) -> int:
                                metrics=metrics, force=args.force, protect=protect)
     else:
         model, tokenizer = load_checked(name, dtype=config.model.dtype, device="cpu", trust_remote_code=trust)
-        out = export_pruned(model, tokenizer, mask, Path(args.out), source=config.model.name, metrics=metrics,
-                            force=args.force, protect=protect, options=options)
+        repair, line = fitted_repair(options, model, tokenizer, mask, args.calibration)
+        out = export_pruned(model, tokenizer, mask, Path(args.out), source=config.model.name,
+                            metrics={**metrics, **line}, force=args.force, protect=protect, options=options,
+                            repair=repair)
     ppl = "-" if pd.isna(best[PRIMARY_COLUMN]) else f"{best[PRIMARY_COLUMN]:.4g}"
     size = int(best['params']) if 'params' in best else '?'
     print(f"exported {best['mask']} (found by {best['strategy']}, {size} params, "

@@ -1,0 +1,197 @@
+"""Training-free repair of a pruned model: one least-squares linear map per run of removed sublayers.
+
+Sublayers are ordered A0, M0, A1, M1, ...; a run is a maximal stretch of removed ones. The kept sublayer just
+before a run (its anchor) writes ``M`` into a residual stream ``R + M``; without the run the stream should have
+become the dense model's ``X``. The map ``T`` minimises ``|M T - (X - R)|^2 + ridge |T - I|^2`` over calibration
+tokens (ReplaceMe's fit), and is folded into the anchor's output projection (``W <- T^T W``, ``b <- b T``): no new
+module, no new parameter, so every export format carries it unchanged. Runs are fitted in order, each on the model
+with the earlier maps already folded, against dense targets computed once.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from .errors import UserError
+from .families import Family, family_for, get_path
+from .mask import ATTN, KeepMask, sublayer_name
+from .masking import masked
+
+
+class RepairError(UserError):
+    """A model or mask the linear repair cannot handle."""
+
+
+@dataclass(frozen=True)
+class Run:
+    """Removed sublayers ``start .. end - 1``; ``anchor`` (= start - 1) is the kept sublayer before them."""
+
+    start: int
+    end: int
+
+    @property
+    def anchor(self) -> int:
+        return self.start - 1
+
+
+def removed_runs(mask: KeepMask) -> list[Run]:
+    """Maximal runs of removed sublayers that follow a kept one (a run at the very start has no anchor)."""
+    runs, start = [], None
+    for index, keep in enumerate((*mask.bits, True)):
+        if not keep and start is None:
+            start = index
+        elif keep and start is not None:
+            if start > 0:
+                runs.append(Run(start, index))
+            start = None
+    return runs
+
+
+def out_projection(model: nn.Module, family: Family, sublayer: int) -> nn.Linear:
+    """The nn.Linear sublayer ``sublayer`` ends in (its output is what the sublayer adds to the stream)."""
+    layer, kind = divmod(sublayer, 2)
+    path = family.attn_out if kind == ATTN else family.ffn_out
+    if path is None or family.residual != "sequential":
+        what = "attention" if kind == ATTN else "FFN"
+        raise RepairError(f"linear repair needs the {what} of a {family.name} layer to end in a plain linear map "
+                          "added to the residual stream; this family's does not")
+    module = get_path(get_path(model, family.layers)[layer], path)
+    if not isinstance(module, nn.Linear):
+        raise RepairError(f"linear repair: {family.layers}.{layer}.{path} is a {type(module).__name__}, not nn.Linear")
+    return module
+
+
+@dataclass
+class LinearRepair:
+    """The fitted maps, by anchor sublayer index (of the unpruned model's numbering)."""
+
+    mask: KeepMask
+    maps: dict[int, torch.Tensor]
+    fit_error: dict[int, tuple[float, float]]  # anchor -> (relative error before, after)
+
+
+@contextmanager
+def folded(model: nn.Module, repair: LinearRepair | None) -> Iterator[nn.Module]:
+    """``model`` with ``repair``'s maps folded into its anchors' output projections; the weights are put back
+    afterwards (``None``: the model as it is)."""
+    family, saved = family_for(model.config), []
+    try:
+        for anchor, t in (repair.maps.items() if repair else ()):
+            proj = out_projection(model, family, anchor)  # resolve before masking: a stand-in has no projection
+            saved.append((proj, proj.weight.data, None if proj.bias is None else proj.bias.data))
+            _fold(proj, t)
+        yield model
+    finally:
+        for proj, weight, bias in reversed(saved):
+            proj.weight.data = weight
+            if bias is not None:
+                proj.bias.data = bias
+
+
+def _fold(proj: nn.Linear, t: torch.Tensor) -> None:
+    """``proj``'s output times ``t``: W <- T^T W, b <- b T (new tensors, so saved originals stay intact)."""
+    weight = proj.weight.data
+    proj.weight.data = (t.T.to(torch.float64) @ weight.to(torch.float64)).to(weight.dtype)
+    if proj.bias is not None:
+        proj.bias.data = (proj.bias.data.to(torch.float64) @ t.to(torch.float64)).to(proj.bias.dtype)
+
+
+# streams ------------------------------------------------------------------------------------------------------
+def _streams(model: nn.Module, family: Family, projections: dict[int, nn.Linear], ids: torch.Tensor,
+             boundaries: set[int], anchors: set[int] = frozenset()) -> tuple[dict, dict]:
+    """The residual stream entering each sublayer boundary in ``boundaries`` (2L: after the last layer) and the
+    output of each anchor's projection, as float32 (tokens x hidden) without each sequence's first position.
+    ``projections`` are the sublayers' output projections, resolved on the unmasked model."""
+    layers = get_path(model, family.layers)
+    layer_in, outputs, hooks = {}, {}, []
+
+    def keep(store, key):
+        return lambda tensor: store.__setitem__(key, tensor[:, 1:].reshape(-1, tensor.shape[-1]).float())
+
+    for index, layer in enumerate(layers):
+        save = keep(layer_in, index)
+        hooks.append(layer.register_forward_pre_hook(
+            lambda m, args, kwargs, save=save: save(args[0] if args else kwargs["hidden_states"]), with_kwargs=True))
+    final = keep(layer_in, len(layers))
+    hooks.append(get_path(model, family.final_norm).register_forward_pre_hook(lambda m, args: final(args[0])))
+    needed = anchors | {b - 1 for b in boundaries if b % 2}  # attention outputs for mid-layer boundaries
+    for sublayer in needed:
+        save = keep(outputs, sublayer)
+        hooks.append(projections[sublayer].register_forward_hook(lambda m, args, out, save=save: save(out)))
+    try:
+        with torch.no_grad():
+            model(input_ids=ids, use_cache=False)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    streams = {}
+    for b in boundaries:
+        layer = b // 2
+        streams[b] = layer_in[layer] + outputs.get(b - 1, 0) if b % 2 else layer_in[layer]
+    return streams, {a: outputs[a] for a in anchors if a in outputs}
+
+
+def _solve(m: torch.Tensor, residual: torch.Tensor, ridge: float, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """argmin_T sum_i w_i |m_i T - residual_i|^2 + lam |T - I|^2 with lam = ridge x mean diagonal of the weighted
+    m^T m (float64)."""
+    m64, r64 = m.double(), residual.double()
+    if weight is not None:
+        root = weight.double().sqrt()[:, None]
+        m64, r64 = m64 * root, r64 * root
+    gram = m64.T @ m64
+    lam = ridge * gram.diagonal().mean().clamp_min(1e-12)
+    eye = torch.eye(gram.shape[0], dtype=torch.float64)
+    return torch.linalg.solve(gram + lam * eye, m64.T @ r64 + lam * eye).float()
+
+
+def fit_linear_repair(model: nn.Module, mask: KeepMask | str, ids: torch.Tensor, *, ridge: float = 1e-3,
+                      per_token: str = "unit") -> LinearRepair:
+    """Fit one map per removed run of ``mask`` on calibration tokens ``ids`` (batch x seq); ``model`` is unchanged.
+
+    ``per_token="unit"`` weighs each token's error by 1 / |X|^2 (its dense stream's norm), so tokens with huge
+    activations do not dominate and the fit approaches a cosine one; ``"l2"`` weighs all tokens alike."""
+    family = family_for(model.config)
+    mask = KeepMask.parse(mask, len(get_path(model, family.layers))) if isinstance(mask, str) else mask
+    runs = removed_runs(mask)
+    wanted = {run.anchor for run in runs} | {run.end - 1 for run in runs if run.end % 2}
+    projections = {s: out_projection(model, family, s) for s in wanted}  # refused here, before any forward
+    targets, _ = _streams(model, family, projections, ids, {run.end for run in runs})
+    repair = LinearRepair(mask, {}, {})
+    for run in runs:
+        with folded(model, repair), masked(model, mask):
+            stream, anchor_out = _streams(model, family, projections, ids, {run.end}, {run.anchor})
+        m, gap = anchor_out[run.anchor], targets[run.end] - stream[run.end]
+        weight = 1 / targets[run.end].pow(2).sum(-1).clamp_min(1e-12) if per_token == "unit" else None
+        t = _solve(m, gap + m, ridge, weight)
+        before = gap.norm() / targets[run.end].norm()
+        after = (gap + m - m @ t).norm() / targets[run.end].norm()
+        repair.maps[run.anchor], repair.fit_error[run.anchor] = t, (float(before), float(after))
+    return repair
+
+
+# the export's default calibration: the two bundled domains, as the shipped SmolLM2 study calibrates
+DEFAULT_CALIBRATION = ("studies/assets/text/wikitext2_test.raw:0:0.5", "studies/assets/text/tinystories_valid.txt:0:0.8")
+
+
+def fit_for_export(model: nn.Module, tokenizer, mask: KeepMask | str, calibration: list[str] | None = None, *,
+                   sequences: int = 16, seq_len: int = 128) -> LinearRepair:
+    """The linear repair of ``mask`` fitted on ``sequences`` x ``seq_len`` tokens of each calibration text
+    (``PATH[:START:END]``; default the bundled texts), interleaved."""
+    from objectives.calibration import BatchSpec, TextSource, mixed_batch
+
+    from .fetch import ROOT
+
+    texts = calibration or [str(ROOT / spec) for spec in DEFAULT_CALIBRATION]
+    specs = [BatchSpec(TextSource.parse(text), sequences, seq_len, seed=0) for text in texts]
+    return fit_linear_repair(model, mask, mixed_batch(specs, tokenizer))
+
+
+def describe(repair: LinearRepair) -> str:
+    """One line for a model card: where the maps were folded and how much of the stream error they removed."""
+    fits = ", ".join(f"after {sublayer_name(a)}: {b:.3f} -> {c:.3f}" for a, (b, c) in sorted(repair.fit_error.items()))
+    return f"linear, {len(repair.maps)} map(s) folded (relative stream error {fits or 'none'})"
