@@ -38,7 +38,12 @@ def vllm_greedy(path: str, prompt: list[int], tokens: int) -> list[int]:
 
     llm = LLM(model=path, trust_remote_code=True, dtype="float32", max_model_len=512, enforce_eager=True)
     params = SamplingParams(temperature=0.0, max_tokens=tokens, min_tokens=tokens, ignore_eos=True)
-    result = llm.generate([{"prompt_token_ids": prompt}], params)
+    try:
+        result = llm.generate([{"prompt_token_ids": prompt}], params)
+    finally:  # stop the engine process, or the script waits on it at exit
+        shutdown = getattr(getattr(llm.llm_engine, "engine_core", None), "shutdown", None)
+        if shutdown is not None:
+            shutdown()
     return list(result[0].outputs[0].token_ids)
 
 
