@@ -163,7 +163,8 @@ def _write_hf(job: ExportJob, directory: Path) -> str:
 
 
 def _write_gguf(job: ExportJob, directory: Path) -> str:
-    from .gguf_export import FILE_NAME, write_gguf
+    from .gguf_export import FILE_NAME
+    from .gguf_model import write_gguf
 
     arch = write_gguf(job.model, job.tokenizer, job.mask, directory, source_file=job.options.source_file,
                       outtype=job.options.outtype)

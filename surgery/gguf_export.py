@@ -240,20 +240,3 @@ def add_stand_ins(writer, arch: str, out: list[Block], hidden: int, head_dim: in
             tensors.update(zero_ffn(index, hidden))
     for name, array in tensors.items():
         writer.add_tensor(name, array)
-
-
-# the writer behind ``export_pruned(..., format="gguf")`` ----------------------------------------------------------
-def write_gguf(model, tokenizer, mask: KeepMask, staging: Path, *, source_file: Path | None = None,
-               outtype: str | None = None) -> str:
-    """Write ``staging/model.gguf`` for the dense ``model`` pruned by ``mask``; returns the architecture.
-
-    ``source_file``: the ``.gguf`` file the model was loaded from; without ``outtype`` its tensors are copied as
-    they are, with ``outtype`` the (dequantized) model's weights are written in that type and the file's tokenizer
-    metadata copied. Otherwise ``model``'s weights are converted to ``outtype`` (default f16)."""
-    check_family(model.config, str(source_file or getattr(model.config, "name_or_path", "") or "the model"))
-    if source_file is not None and outtype is None:
-        return copy_from_gguf(Path(source_file), mask, staging / FILE_NAME)
-    from .gguf_model import write_from_model
-
-    return write_from_model(model, tokenizer, mask, staging / FILE_NAME, outtype or "f16",
-                            tokenizer_file=Path(source_file) if source_file else None)

@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .gguf_export import GgufExportError, Shape, add_shape, add_stand_ins, architecture, blocks, write_file
+from .gguf_export import (FILE_NAME, GgufExportError, Shape, add_shape, add_stand_ins, architecture, blocks,
+                          check_family, copy_from_gguf, write_file)
 from .mask import KeepMask
 
 OUTTYPES = ("f16", "bf16", "q8_0")
@@ -200,3 +201,18 @@ def add_tokenizer(writer, tokenizer, vocab_size: int) -> None:
         if special.chat_template is None and getattr(tokenizer, "chat_template", None):
             special.chat_template = tokenizer.chat_template
         special.add_to_gguf(writer)
+
+
+# the writer behind ``export_pruned(..., format="gguf")`` ----------------------------------------------------------
+def write_gguf(model, tokenizer, mask: KeepMask, staging: Path, *, source_file: Path | None = None,
+               outtype: str | None = None) -> str:
+    """Write ``staging/model.gguf`` for the dense ``model`` pruned by ``mask``; returns the architecture.
+
+    ``source_file``: the ``.gguf`` file the model was loaded from; without ``outtype`` its tensors are copied as
+    they are, with ``outtype`` the (dequantized) model's weights are written in that type and the file's tokenizer
+    metadata copied. Otherwise ``model``'s weights are converted to ``outtype`` (default f16)."""
+    check_family(model.config, str(source_file or getattr(model.config, "name_or_path", "") or "the model"))
+    if source_file is not None and outtype is None:
+        return copy_from_gguf(Path(source_file), mask, staging / FILE_NAME)
+    return write_from_model(model, tokenizer, mask, staging / FILE_NAME, outtype or "f16",
+                            tokenizer_file=Path(source_file) if source_file else None)
