@@ -22,6 +22,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from surgery.cli import Parser  # noqa: E402
 # --smoke: these sizes replace the given ones; without a study directory, the shipped study below is run first
 # into a temporary directory with the overrides of SMOKE_STUDY
 SMOKE = {"sequences": 2}
@@ -72,7 +73,7 @@ def larger_sample(config, sequences: int, seed: int) -> list:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = Parser(description=__doc__.split("\n\n")[0])
     parser.add_argument("study_dir", type=Path, nargs="?", help="a study's directory (required without --smoke)")
     parser.add_argument("--sequences", type=int, default=128, help="windows in the larger calibration sample")
     parser.add_argument("--seed", type=int, default=7, help="seed of the larger sample (the study's is another)")

@@ -25,6 +25,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from surgery.cli import Parser, output_dir, positive_int, run_cli  # noqa: E402
 STRATEGIES = [
     {"name": "sleb"},
     {"name": "greedy_per_cost", "settings": {"stage_sequences": 2, "stage_keep": 2}},
@@ -63,15 +64,15 @@ def oracle_config(study: Path, texts: list[Path], out: Path, *, targets: list[fl
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = Parser(description=__doc__.splitlines()[0])
     parser.add_argument("--study", type=Path, default=None, help="default: studies/smollm2-135m.yaml")
     parser.add_argument("--text", type=Path, action="append", help="evaluation text (repeatable)")
-    parser.add_argument("--out", type=Path, help="study directory to write")
+    parser.add_argument("--out", type=output_dir, help="study directory to write (its config: the same path + .yaml)")
     parser.add_argument("--targets", type=float, nargs="+", default=[0.125])
-    parser.add_argument("--sequences", type=int, default=16, help="windows per text")
-    parser.add_argument("--seq-len", type=int, default=256)
-    parser.add_argument("--generations", type=int, default=30, help="evolutionary search's generations")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: the study's)")
+    parser.add_argument("--sequences", type=positive_int, default=16, help="windows per text")
+    parser.add_argument("--seq-len", type=positive_int, default=256)
+    parser.add_argument("--generations", type=positive_int, default=30, help="evolutionary search's generations")
+    parser.add_argument("--threads", type=positive_int, default=None, help="torch threads (default: the study's)")
     parser.add_argument("--smoke", action="store_true", help="seconds: stories260k and the sizes of SMOKE")
     args = parser.parse_args(argv)
     if args.smoke:
@@ -102,28 +103,24 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.out is None:  # --smoke without --out: a temporary study
         with tempfile.TemporaryDirectory() as tmp:
-            return run(args, Path(tmp) / "oracle")
-    return run(args, args.out)
+            return run_cli(lambda: run(args, Path(tmp) / "oracle"))
+    return run_cli(lambda: run(args, args.out))
 
 
 def run(args: argparse.Namespace, out: Path) -> int:
     """Write the oracle config beside ``out``, run the study, print its results."""
-    missing = [str(p) for p in [args.study, *args.text] if not p.is_file()]
-    if missing:
-        print(f"error: not a file: {', '.join(missing)}", file=sys.stderr)
-        return 2
     from surgery.errors import UserError
 
-    try:
-        config = oracle_config(args.study, args.text, out, targets=args.targets, sequences=args.sequences,
-                               seq_len=args.seq_len, threads=args.threads, generations=args.generations)
-    except UserError as error:  # the study's own config is invalid: its message names the problem
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    path = out.with_suffix(".yaml")
+    missing = [str(p) for p in [args.study, *args.text] if not p.is_file()]
+    if missing:
+        raise UserError(f"not a file: {', '.join(missing)}")
+    config = oracle_config(args.study, args.text, out, targets=args.targets, sequences=args.sequences,
+                           seq_len=args.seq_len, threads=args.threads, generations=args.generations)
+    path = out.with_name(out.name + ".yaml")
+    if path.is_dir():
+        raise UserError(f"--out {out}: its config path {path} is a folder; choose another --out")
     if path.exists() and yaml.safe_load(path.read_text(encoding="utf-8")) != config:
-        print(f"error: {path} exists with other settings; remove it or choose another --out", file=sys.stderr)
-        return 2
+        raise UserError(f"{path} exists with other settings; remove it or choose another --out")
     created = not path.exists()
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(yaml.safe_dump(config, sort_keys=False), encoding="utf-8")

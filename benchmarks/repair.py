@@ -25,6 +25,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from surgery.cli import Parser  # noqa: E402
 
 from objectives.calibration import BatchSpec, TextSource, mixed_batch, token_batch  # noqa: E402
 from surgery.load import load_model  # noqa: E402
@@ -81,7 +82,7 @@ def table(rows: list[list[str]]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = Parser(description=__doc__.split("\n")[0])
     parser.add_argument("--model")
     parser.add_argument("--mask", action="append", default=[], help="NAME=MASK (repeatable)")
     parser.add_argument("--calibration", action="append", default=[], help="PATH[:START:END] (repeatable)")

@@ -31,6 +31,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from surgery.cli import Parser, output_file  # noqa: E402
 ASSETS = ROOT / "studies" / "assets"
 MODEL = ASSETS / "models" / "smollm2-135m-instruct" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 TEXT = ASSETS / "text" / "wikitext2_test.raw"
@@ -215,7 +216,7 @@ def engine_summary(runs: list[dict], modes: list[str]) -> list[str]:
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = Parser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, default=None, help=f"the .gguf file (default {MODEL.name})")
     parser.add_argument("--parts", default="dtype,engine", help="comma list: dtype, engine")
     parser.add_argument("--repeats", type=int, default=5, help="dtype part: timed evaluations per dtype")
@@ -236,7 +237,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--stage-keep", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=2, help="micro-batch (sequences per forward)")
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--json", help="also write every measurement as JSON here")
+    parser.add_argument("--json", type=output_file, help="also write every measurement as JSON here")
     parser.add_argument("--smoke", action="store_true", help="seconds: the sizes of SMOKE (model: SMOKE_MODEL)")
     args = parser.parse_args(argv)
     if args.smoke:

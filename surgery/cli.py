@@ -14,7 +14,9 @@ import errno
 import math
 import signal
 import sys
+import tempfile
 import threading
+from pathlib import Path
 from typing import Callable, Iterator
 
 from .errors import UserError
@@ -79,6 +81,42 @@ def fraction(text: str) -> float:
     if value >= 1:
         raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1), got {text!r}")
     return value
+
+
+def _writable_problem(path: Path) -> str | None:
+    """Why this command could not create ``path``: no name, or the nearest existing folder above it is not one
+    it may write in."""
+    if not path.name or path.name in (".", ".."):
+        return "expected a file or folder name"
+    folder = path.parent.resolve()
+    while not folder.exists():
+        folder = folder.parent
+    if not folder.is_dir():
+        return f"{folder} is not a folder"
+    try:  # a real write: permissions, read-only mounts and pseudo file systems all answer it
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        return f"cannot write in {folder} ({error.strerror or error})"
+    return None
+
+
+def output_file(text: str) -> Path:
+    """argparse type: a file this command writes (a name, not a folder, in a folder it can write to)."""
+    path = Path(text).expanduser()
+    problem = "it is a folder" if path.is_dir() else _writable_problem(path)
+    if problem:
+        raise argparse.ArgumentTypeError(f"{text!r}: {problem}")
+    return path
+
+
+def output_dir(text: str) -> Path:
+    """argparse type: a folder this command creates or fills (a name, not a file, in a folder it can write to)."""
+    path = Path(text).expanduser()
+    problem = "it is a file" if path.is_file() else _writable_problem(path)
+    if problem:
+        raise argparse.ArgumentTypeError(f"{text!r}: {problem}")
+    return path
 
 
 def disk_full(error: BaseException) -> bool:

@@ -77,3 +77,27 @@ def test_smoke_run_prints_its_table(script, smoke_runs):
     assert "--smoke" in (ROOT / "benchmarks" / script).read_text(encoding="utf-8"), f"{script} has no --smoke mode"
     assert run.returncode == 0, f"{script} --smoke exited {run.returncode} after {wall:.0f} s:\n{run.stderr[-4000:]}"
     assert TABLE.search(run.stdout), f"{script} --smoke printed no markdown table:\n{run.stdout[-2000:]}"
+
+
+def _output_flags() -> list[tuple[str, str, str]]:
+    """(script, flag, kind) for every flag a benchmark script writes to, by its argparse type."""
+    found = []
+    for path in SCRIPTS:
+        for flag, kind in re.findall(r'add_argument\("(--[a-z-]+)", type=(output_file|output_dir)', path.read_text()):
+            found.append((path.name, flag, kind))
+    return found
+
+
+@pytest.mark.parametrize("script, flag, kind", _output_flags())
+def test_output_paths_that_cannot_be_written_are_one_message_and_exit_2(script, flag, kind, tmp_path):
+    """A folder where a file goes (or a file where a folder goes), an empty name, a place that cannot be written."""
+    taken = tmp_path / ("folder" if kind == "output_file" else "file")
+    taken.mkdir() if kind == "output_file" else taken.write_text("mine")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    for value in (str(taken), "", "/proc/depthsearch-out"):
+        run = subprocess.run([sys.executable, str(ROOT / "benchmarks" / script), f"{flag}={value}"], cwd=tmp_path,
+                             env=script_env(), capture_output=True, text=True, timeout=120)
+        lines = run.stderr.strip().splitlines()
+        assert run.returncode == 2 and len(lines) == 1 and lines[0].startswith("error:") and flag in lines[0], run.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+    assert taken.is_dir() if kind == "output_file" else taken.read_text() == "mine"
