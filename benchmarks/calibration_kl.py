@@ -22,7 +22,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from surgery.cli import Parser  # noqa: E402
+from surgery.cli import Parser, fraction, non_negative_int, positive_int  # noqa: E402
 # --smoke: these sizes replace the given ones; without a study directory, the shipped study below is run first
 # into a temporary directory with the overrides of SMOKE_STUDY
 SMOKE = {"sequences": 2}
@@ -75,9 +75,9 @@ def larger_sample(config, sequences: int, seed: int) -> list:
 def main(argv: list[str] | None = None) -> int:
     parser = Parser(description=__doc__.split("\n\n")[0])
     parser.add_argument("study_dir", type=Path, nargs="?", help="a study's directory (required without --smoke)")
-    parser.add_argument("--sequences", type=int, default=128, help="windows in the larger calibration sample")
-    parser.add_argument("--seed", type=int, default=7, help="seed of the larger sample (the study's is another)")
-    parser.add_argument("--targets", type=float, nargs="+", help="only these targets (default: all)")
+    parser.add_argument("--sequences", type=positive_int, default=128, help="windows in the larger calibration sample")
+    parser.add_argument("--seed", type=non_negative_int, default=7, help="seed of the larger sample (the study's is another)")
+    parser.add_argument("--targets", type=fraction, nargs="+", help="only these targets (default: all)")
     parser.add_argument("--smoke", action="store_true", help="seconds: the sizes of SMOKE (study: SMOKE_STUDY)")
     args = parser.parse_args(argv)
     if args.smoke:

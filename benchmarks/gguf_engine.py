@@ -30,6 +30,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from surgery.cli import Parser, output_file, positive_int  # noqa: E402
 
 from objectives.llamacpp import require_for_script, SpeedSettings, ideal_speedups, matmul_work, perplexity, speeds  # noqa: E402
 from surgery.export import ExportOptions, export_pruned  # noqa: E402
@@ -139,20 +140,20 @@ def markdown(result: dict, args, command: str) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = Parser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=str(SMOLLM2), help="the dense .gguf file")
     parser.add_argument("--text", default=str(TEXT))
-    parser.add_argument("--windows", type=int, default=4)
-    parser.add_argument("--seq-len", type=int, default=256)
-    parser.add_argument("--prefill", type=int, default=128)
-    parser.add_argument("--context", type=int, default=128)
-    parser.add_argument("--steps", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--windows", type=positive_int, default=4)
+    parser.add_argument("--seq-len", type=positive_int, default=256)
+    parser.add_argument("--prefill", type=positive_int, default=128)
+    parser.add_argument("--context", type=positive_int, default=128)
+    parser.add_argument("--steps", type=positive_int, default=32)
+    parser.add_argument("--repeats", type=positive_int, default=7)
+    parser.add_argument("--threads", type=positive_int, default=2)
     parser.add_argument("--f16", action="store_true",
                         help="also write the dense model and the first mask in f16 (from the dequantized model)")
     parser.add_argument("--smoke", action="store_true", help="stories260k, one repeat: checks the script in seconds")
-    parser.add_argument("--out", default=None, help="also write the markdown table here")
+    parser.add_argument("--out", type=output_file, default=None, help="also write the markdown table here")
     args = parser.parse_args(argv)
     require_for_script(args.smoke)
     if args.smoke:

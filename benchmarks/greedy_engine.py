@@ -26,7 +26,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from surgery.cli import Parser, output_file  # noqa: E402
+from surgery.cli import Parser, output_file, positive_int  # noqa: E402
 ASSETS = ROOT / "studies" / "assets"
 MODES = ("plain", "exact", "raced", "staged")
 # --smoke: these sizes replace the given ones (the models chosen are kept; `big` shrinks to 4 x 64)
@@ -121,20 +121,20 @@ def _summary(name: str, runs: list[dict]) -> list[str]:
 def parse_args(argv=None) -> argparse.Namespace:
     parser = Parser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="tinystories-l12,big", help="comma list: tinystories-l12, big")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=positive_int, default=3)
     parser.add_argument("--targets", type=lambda s: [float(x) for x in s.split(",")], default=[0.25, 0.5],
                         help="fractions of sublayers removed")
     parser.add_argument("--objective", default="js")
-    parser.add_argument("--sequences", type=int, default=8)
-    parser.add_argument("--seq-len", type=int, default=256)
-    parser.add_argument("--batch-size", type=int, default=2)
-    parser.add_argument("--stage-sequences", type=int, default=2)
-    parser.add_argument("--stage-keep", type=int, default=3)
-    parser.add_argument("--big-layers", type=int, default=16)
-    parser.add_argument("--big-hidden", type=int, default=256)
+    parser.add_argument("--sequences", type=positive_int, default=8)
+    parser.add_argument("--seq-len", type=positive_int, default=256)
+    parser.add_argument("--batch-size", type=positive_int, default=2)
+    parser.add_argument("--stage-sequences", type=positive_int, default=2)
+    parser.add_argument("--stage-keep", type=positive_int, default=3)
+    parser.add_argument("--big-layers", type=positive_int, default=16)
+    parser.add_argument("--big-hidden", type=positive_int, default=256)
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--threads", type=positive_int, default=1)
     parser.add_argument("--json", type=output_file, help="also write every run as JSON here")
     parser.add_argument("--smoke", action="store_true", help="seconds: the sizes of SMOKE, one repeat")
     args = parser.parse_args(argv)

@@ -23,7 +23,7 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from surgery.cli import Parser, output_file  # noqa: E402
+from surgery.cli import Parser, non_negative_int, output_file, positive_int  # noqa: E402
 
 from objectives.budgets import CostTable, kv_cache_costs  # noqa: E402
 from objectives.latency import LatencySettings, interleaved_ms, phase_runner, prefill_flop_costs, profile_model  # noqa: E402
@@ -172,11 +172,11 @@ def _summary(rows: list[dict], phase: str) -> str:
 def main(argv=None) -> int:
     parser = Parser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default=",".join(MODELS), help="comma-separated names from MODELS")
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--repeats", type=int, default=9)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--context", type=int, default=256)
-    parser.add_argument("--decode-steps", type=int, default=8, help="decode steps per timed repeat")
+    parser.add_argument("--threads", type=positive_int, default=1)
+    parser.add_argument("--repeats", type=positive_int, default=9)
+    parser.add_argument("--warmup", type=non_negative_int, default=2)
+    parser.add_argument("--context", type=positive_int, default=256)
+    parser.add_argument("--decode-steps", type=positive_int, default=8, help="decode steps per timed repeat")
     parser.add_argument("--out", type=output_file, default=None, help="write the markdown table here")
     parser.add_argument("--smoke", action="store_true", help="seconds: the sizes of SMOKE, one repeat")
     args = parser.parse_args(argv)

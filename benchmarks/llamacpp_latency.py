@@ -26,6 +26,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from surgery.cli import Parser, output_file, positive_int  # noqa: E402
 
 from benchmarks.gguf_engine import MASKS, SMOKE_MASKS, SMOLLM2, smoke_source  # noqa: E402
 from objectives.llamacpp import require_for_script, SpeedSettings, calibration_masks, llamacpp_profile, speeds  # noqa: E402
@@ -112,17 +113,17 @@ def markdown(result: dict, command: str) -> str:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = Parser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=str(SMOLLM2), help="the dense .gguf file")
     parser.add_argument("--dtype", default="bfloat16", help="the study's model.dtype (for the profile's signature)")
-    parser.add_argument("--seq-len", type=int, default=128)
-    parser.add_argument("--context", type=int, default=256)
-    parser.add_argument("--steps", type=int, default=32)
-    parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--profile-out", default=None, help="save the fitted latency profile (JSON) here")
+    parser.add_argument("--seq-len", type=positive_int, default=128)
+    parser.add_argument("--context", type=positive_int, default=256)
+    parser.add_argument("--steps", type=positive_int, default=32)
+    parser.add_argument("--repeats", type=positive_int, default=7)
+    parser.add_argument("--threads", type=positive_int, default=2)
+    parser.add_argument("--profile-out", type=output_file, default=None, help="save the fitted latency profile (JSON) here")
     parser.add_argument("--smoke", action="store_true", help="stories260k, one repeat: checks the script in seconds")
-    parser.add_argument("--out", default=None, help="also write the markdown table here")
+    parser.add_argument("--out", type=output_file, default=None, help="also write the markdown table here")
     args = parser.parse_args(argv)
     require_for_script(args.smoke)
     if args.smoke:

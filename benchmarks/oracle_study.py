@@ -25,7 +25,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from surgery.cli import Parser, output_dir, positive_int, run_cli  # noqa: E402
+from surgery.cli import Parser, fraction, output_dir, positive_int, run_cli  # noqa: E402
 STRATEGIES = [
     {"name": "sleb"},
     {"name": "greedy_per_cost", "settings": {"stage_sequences": 2, "stage_keep": 2}},
@@ -68,7 +68,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--study", type=Path, default=None, help="default: studies/smollm2-135m.yaml")
     parser.add_argument("--text", type=Path, action="append", help="evaluation text (repeatable)")
     parser.add_argument("--out", type=output_dir, help="study directory to write (its config: the same path + .yaml)")
-    parser.add_argument("--targets", type=float, nargs="+", default=[0.125])
+    parser.add_argument("--targets", type=fraction, nargs="+", default=[0.125])
     parser.add_argument("--sequences", type=positive_int, default=16, help="windows per text")
     parser.add_argument("--seq-len", type=positive_int, default=256)
     parser.add_argument("--generations", type=positive_int, default=30, help="evolutionary search's generations")

@@ -25,7 +25,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from surgery.cli import Parser  # noqa: E402
+from surgery.cli import Parser, positive_int  # noqa: E402
 
 from objectives.calibration import BatchSpec, TextSource, mixed_batch, token_batch  # noqa: E402
 from surgery.load import load_model  # noqa: E402
@@ -87,9 +87,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mask", action="append", default=[], help="NAME=MASK (repeatable)")
     parser.add_argument("--calibration", action="append", default=[], help="PATH[:START:END] (repeatable)")
     parser.add_argument("--text", action="append", default=[], help="NAME=PATH[:START:END] held-out text (repeatable)")
-    parser.add_argument("--sequences", type=int, default=32, help="calibration windows per text (default 32)")
-    parser.add_argument("--windows", type=int, default=16, help="held-out windows per text (default 16)")
-    parser.add_argument("--seq-len", type=int, default=256)
+    parser.add_argument("--sequences", type=positive_int, default=32, help="calibration windows per text (default 32)")
+    parser.add_argument("--windows", type=positive_int, default=16, help="held-out windows per text (default 16)")
+    parser.add_argument("--seq-len", type=positive_int, default=256)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--smoke", action="store_true", help="tiny sizes and the bundled stories260k")
     args = parser.parse_args(argv)

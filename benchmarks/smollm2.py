@@ -31,7 +31,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from surgery.cli import Parser, output_file  # noqa: E402
+from surgery.cli import Parser, fraction, non_negative_int, output_file, positive_int  # noqa: E402
 ASSETS = ROOT / "studies" / "assets"
 MODEL = ASSETS / "models" / "smollm2-135m-instruct" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 TEXT = ASSETS / "text" / "wikitext2_test.raw"
@@ -219,24 +219,24 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser = Parser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, default=None, help=f"the .gguf file (default {MODEL.name})")
     parser.add_argument("--parts", default="dtype,engine", help="comma list: dtype, engine")
-    parser.add_argument("--repeats", type=int, default=5, help="dtype part: timed evaluations per dtype")
-    parser.add_argument("--sequences", type=int, default=4, help="dtype part: calibration sequences")
-    parser.add_argument("--seq-len", type=int, default=256)
-    parser.add_argument("--prune-fraction", type=float, default=0.25, help="sublayers removed in the timed mask")
-    parser.add_argument("--rank-masks", type=int, default=8, help="single-sublayer removals ranked in both dtypes")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--steps", type=int, default=2, help="engine part: greedy steps")
-    parser.add_argument("--engine-repeats", type=int, default=1)
+    parser.add_argument("--repeats", type=positive_int, default=5, help="dtype part: timed evaluations per dtype")
+    parser.add_argument("--sequences", type=positive_int, default=4, help="dtype part: calibration sequences")
+    parser.add_argument("--seq-len", type=positive_int, default=256)
+    parser.add_argument("--prune-fraction", type=fraction, default=0.25, help="sublayers removed in the timed mask")
+    parser.add_argument("--rank-masks", type=positive_int, default=8, help="single-sublayer removals ranked in both dtypes")
+    parser.add_argument("--seed", type=non_negative_int, default=0)
+    parser.add_argument("--steps", type=positive_int, default=2, help="engine part: greedy steps")
+    parser.add_argument("--engine-repeats", type=positive_int, default=1)
     parser.add_argument("--modes", type=lambda s: s.split(","), default=["plain", "exact", "staged"],
                         help=f"comma list of {', '.join(MODES)} (plain first)")
-    parser.add_argument("--engine-sequences", type=int, default=4)
-    parser.add_argument("--engine-seq-len", type=int, default=64)
+    parser.add_argument("--engine-sequences", type=positive_int, default=4)
+    parser.add_argument("--engine-seq-len", type=positive_int, default=64)
     parser.add_argument("--engine-dtype", default="bfloat16", choices=("float32", "bfloat16"))
     parser.add_argument("--engine-objective", default="js")
-    parser.add_argument("--stage-sequences", type=int, default=2)
-    parser.add_argument("--stage-keep", type=int, default=2)
-    parser.add_argument("--batch-size", type=int, default=2, help="micro-batch (sequences per forward)")
-    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--stage-sequences", type=positive_int, default=2)
+    parser.add_argument("--stage-keep", type=positive_int, default=2)
+    parser.add_argument("--batch-size", type=positive_int, default=2, help="micro-batch (sequences per forward)")
+    parser.add_argument("--threads", type=positive_int, default=1)
     parser.add_argument("--json", type=output_file, help="also write every measurement as JSON here")
     parser.add_argument("--smoke", action="store_true", help="seconds: the sizes of SMOKE (model: SMOKE_MODEL)")
     args = parser.parse_args(argv)
