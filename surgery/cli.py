@@ -101,22 +101,23 @@ def _writable_problem(path: Path) -> str | None:
     return None
 
 
-def output_file(text: str) -> Path:
-    """argparse type: a file this command writes (a name, not a folder, in a folder it can write to)."""
+def _output_path(text: str, *, folder: bool) -> Path:
     path = Path(text).expanduser()
-    problem = "it is a folder" if path.is_dir() else _writable_problem(path)
+    clash = path.is_file() if folder else path.is_dir()
+    problem = f"it is a {'file' if folder else 'folder'}" if clash else _writable_problem(path)
     if problem:
         raise argparse.ArgumentTypeError(f"{text!r}: {problem}")
     return path
+
+
+def output_file(text: str) -> Path:
+    """argparse type: a file this command writes (a name, not a folder, in a folder it can write to)."""
+    return _output_path(text, folder=False)
 
 
 def output_dir(text: str) -> Path:
     """argparse type: a folder this command creates or fills (a name, not a file, in a folder it can write to)."""
-    path = Path(text).expanduser()
-    problem = "it is a file" if path.is_file() else _writable_problem(path)
-    if problem:
-        raise argparse.ArgumentTypeError(f"{text!r}: {problem}")
-    return path
+    return _output_path(text, folder=True)
 
 
 def disk_full(error: BaseException) -> bool:
