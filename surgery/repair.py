@@ -160,7 +160,8 @@ def fit_linear_repair(model: nn.Module, mask: KeepMask | str, ids: torch.Tensor,
     runs = removed_runs(mask)
     wanted = {run.anchor for run in runs} | {run.end - 1 for run in runs if run.end % 2}
     projections = {s: out_projection(model, family, s) for s in wanted}  # refused here, before any forward
-    targets, _ = _streams(model, family, projections, ids, {run.end for run in runs})
+    with masked(model, KeepMask.dense(mask.num_layers)):  # the dense model, whatever mask a caller left applied
+        targets, _ = _streams(model, family, projections, ids, {run.end for run in runs})
     repair = LinearRepair(mask, {}, {})
     for run in runs:
         with folded(model, repair), masked(model, mask):

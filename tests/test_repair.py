@@ -123,3 +123,12 @@ def test_export_repair_flags_refused_with_nothing_written(tmp_path, capsys, flag
     code = export_main(["--model", str(STORIES), f"--mask={STORIES_MASK}", "--out", str(out), *flags])
     assert code == 2 and message in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_fit_does_not_depend_on_a_mask_left_applied(deep):
+    ids = input_ids(batch=4, seq=10)
+    clean = fit_linear_repair(deep, MASK, ids)
+    with masked(deep, KeepMask.parse("--,AM,AM,AM,--")):
+        inside = fit_linear_repair(deep, MASK, ids)
+    for anchor, t in clean.maps.items():
+        torch.testing.assert_close(inside.maps[anchor], t)
