@@ -75,14 +75,22 @@ class LinearRepair:
     fit_error: dict[int, tuple[float, float]]  # anchor -> (relative error before, after)
 
 
+def _projections(model: nn.Module, family: Family, sublayers: set[int]) -> dict[int, nn.Linear]:
+    """The output projections of ``sublayers``, resolved on the unmasked model (a stand-in has none)."""
+    with masked(model, KeepMask.dense(len(get_path(model, family.layers)))):
+        return {s: out_projection(model, family, s) for s in sublayers}
+
+
 @contextmanager
 def folded(model: nn.Module, repair: LinearRepair | None) -> Iterator[nn.Module]:
     """``model`` with ``repair``'s maps folded into its anchors' output projections; the weights are put back
     afterwards (``None``: the model as it is)."""
     family, saved = family_for(model.config), []
+    maps = repair.maps if repair else {}
+    projections = _projections(model, family, set(maps)) if maps else {}
     try:
-        for anchor, t in (repair.maps.items() if repair else ()):
-            proj = out_projection(model, family, anchor)  # resolve before masking: a stand-in has no projection
+        for anchor, t in maps.items():
+            proj = projections[anchor]
             saved.append((proj, proj.weight.data, None if proj.bias is None else proj.bias.data))
             _fold(proj, t)
         yield model
@@ -159,7 +167,7 @@ def fit_linear_repair(model: nn.Module, mask: KeepMask | str, ids: torch.Tensor,
     mask = KeepMask.parse(mask, len(get_path(model, family.layers))) if isinstance(mask, str) else mask
     runs = removed_runs(mask)
     wanted = {run.anchor for run in runs} | {run.end - 1 for run in runs if run.end % 2}
-    projections = {s: out_projection(model, family, s) for s in wanted}  # refused here, before any forward
+    projections = _projections(model, family, wanted)  # refused here, before any forward
     with masked(model, KeepMask.dense(mask.num_layers)):  # the dense model, whatever mask a caller left applied
         targets, _ = _streams(model, family, projections, ids, {run.end for run in runs})
     repair = LinearRepair(mask, {}, {})
