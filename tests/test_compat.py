@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import inspect
 
+import optuna
 import pytest
 import torch
 import transformers
@@ -38,3 +39,16 @@ def test_one_decode_step_from_the_cache_equals_the_full_forward(tiny, mask):
         step = forward_with_cache(model, cache, input_ids=ids[:, -1:]).logits[:, -1]
         assert cache.get_seq_length() == 7
     torch.testing.assert_close(step, full, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("make", [lambda: optuna.samplers.NSGAIISampler(seed=3, population_size=4),
+                                  lambda: optuna.samplers.TPESampler(seed=3), lambda: optuna.samplers.RandomSampler(seed=3)])
+def test_samplers_pickle_for_ray_tune(make):
+    """Ray Tune pickles its search algorithm with the sampler; optuna 5.1's NSGA-II holds a thread lock."""
+    ray_pickle = pytest.importorskip("ray.cloudpickle", reason="the ray extra is not installed")
+    from search.evaluation.tune import picklable
+
+    sampler = picklable(make())
+    copy = ray_pickle.loads(ray_pickle.dumps(sampler))
+    assert type(copy) is type(sampler)
+    assert copy._rng.rng.random() == sampler._rng.rng.random()  # the same seeded stream, state and all

@@ -7,7 +7,9 @@ the budget excess as the trial's constraint; :class:`TuneRunner` records the res
 
 from __future__ import annotations
 
+import copyreg
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -62,6 +64,30 @@ def _tune_trial(params: dict, *, config: StudyConfig, budget: TuneBudget) -> dic
     return {**result, "objective": value, "pid": os.getpid()}
 
 
+_LOCKS = {type(threading.Lock()): "Lock", type(threading.RLock()): "RLock"}  # lock type -> its maker in threading
+
+
+def _with_locks(cls: type, state: dict, locks: dict[str, str]):
+    obj = cls.__new__(cls)
+    obj.__dict__.update(state)
+    obj.__dict__.update({name: getattr(threading, kind)() for name, kind in locks.items()})
+    return obj
+
+
+def _reduce_without_locks(obj):
+    state = {k: v for k, v in vars(obj).items() if type(v) not in _LOCKS}
+    locks = {k: _LOCKS[type(v)] for k, v in vars(obj).items() if type(v) in _LOCKS}
+    return _with_locks, (type(obj), state, locks)
+
+
+def picklable(sampler: optuna.samplers.BaseSampler) -> optuna.samplers.BaseSampler:
+    """``sampler``, whose class pickles without its thread locks (made anew when unpickled): Ray Tune pickles its
+    search algorithm with the sampler, and some samplers hold a lock (optuna 5.1's NSGA-II)."""
+    if any(type(v) in _LOCKS for v in vars(sampler).values()):
+        copyreg.pickle(type(sampler), _reduce_without_locks)
+    return sampler
+
+
 def tune_sampler(config: StudyConfig, *, budget: TuneBudget, sampler, n_trials: int,
                  warm_start: Sequence[KeepMask] = (), metrics: Sequence[str] = ("objective",),
                  storage_path: str | None = None, study: optuna.Study | None = None,
@@ -78,7 +104,7 @@ def tune_sampler(config: StudyConfig, *, budget: TuneBudget, sampler, n_trials: 
     points = [keep_params(m) for m in warm_start]
     metric, mode = (metrics[0], "min") if len(metrics) == 1 else (list(metrics), ["min"] * len(metrics))
     stored = {"study_name": study.study_name, "storage": storage} if study is not None else {}
-    search = OptunaSearch(space=KeepSpace(budget), metric=metric, mode=mode, sampler=sampler,
+    search = OptunaSearch(space=KeepSpace(budget), metric=metric, mode=mode, sampler=picklable(sampler),
                           points_to_evaluate=points or None, **stored)
     options = ray_options(config.executor.resources_per_worker)
     resources = {"cpu": options["num_cpus"], "gpu": options["num_gpus"], **options.get("resources", {})}
