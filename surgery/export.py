@@ -208,6 +208,8 @@ def export_pruned(
     layers = len(get_path(model, family.layers))
     mask = KeepMask.parse(mask, layers) if isinstance(mask, str) else mask
     mask.check_layers(layers)
+    if repair is not None and repair.mask != mask:
+        raise ExportError(f"the repair was fitted for mask {repair.mask}, not for the exported mask {mask}")
     # a runtime mask left applied (by a scorer) must not leak in; the repair is folded for the writing only
     with masked(model, KeepMask.dense(layers)), folded(model, repair):
         counts = {"dense_params": num_params(model)}

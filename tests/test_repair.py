@@ -132,3 +132,13 @@ def test_fit_does_not_depend_on_a_mask_left_applied(deep):
         inside = fit_linear_repair(deep, MASK, ids)
     for anchor, t in clean.maps.items():
         torch.testing.assert_close(inside.maps[anchor], t)
+
+
+def test_a_repair_fitted_for_another_mask_is_refused(tmp_path):
+    from surgery.export import ExportError, export_pruned
+
+    model, tokenizer = load_model(str(STORIES), dtype="float32", device="cpu")
+    repair = fit_linear_repair(model, STORIES_MASK, tokenizer("Once upon a time", return_tensors="pt").input_ids)
+    with pytest.raises(ExportError, match="fitted for mask"):
+        export_pruned(model, tokenizer, "AM,AM,--,AM,AM", tmp_path / "out", repair=repair)
+    assert not (tmp_path / "out").exists()
