@@ -8,8 +8,10 @@ metric: the first metric its definition lists.
 
 from __future__ import annotations
 
+import filecmp
 import functools
 import logging
+import re
 from dataclasses import dataclass, field
 from importlib.resources import files
 from pathlib import Path
@@ -114,6 +116,47 @@ def task_limit(task: str, limit: int | None, limits: Mapping[str, int | None] | 
     if limits and task in limits:
         return limits[task]
     return limit
+
+
+def task_files() -> dict[str, Path]:
+    """Local task name -> the bundled JSON-lines file it evaluates (read from the task YAMLs, no lm-eval import)."""
+    from objectives.tasks.utils import benchmark_dir
+
+    found = {}
+    for spec in sorted(TASKS_DIR.glob("*.yaml")):
+        text = spec.read_text(encoding="utf-8")
+        task, file = re.search(r"^task:\s*(\S+)", text, re.M), re.search(r"^\s+file:\s*(\S+)", text, re.M)
+        if task and file:
+            found[task.group(1)] = benchmark_dir() / file.group(1)
+    return found
+
+
+def evaluated_rows_problems(sources: Sequence[tuple[str, Any]], tasks: Sequence[str], limit: int | None,
+                            limits: Mapping[str, int | None] | None) -> list[str]:
+    """Text sources (config key, ``TextSource``) that read rows a benchmark task evaluates: lm-eval's ``limit``
+    takes a task's first rows, so calibration and validation text must start after them."""
+    from objectives.calibration import row_span
+
+    files = {name: path for name, path in task_files().items() if name in tasks and path.is_file()}
+    problems = []
+    for key, source in sources:
+        for name, path in files.items():
+            if not any(_same_file(f, path) for f in source.files):
+                continue
+            first, last = row_span(source)
+            evaluated = task_limit(name, limit, limits)
+            if evaluated is None or first < evaluated:
+                rows = "every row" if evaluated is None else f"its first {evaluated} rows"
+                problems.append(f"{key}: reads rows {first}-{last} of {path.name}, and confirm task {name!r} evaluates "
+                                f"{rows}; start the text after them or lower the task's limit")
+    return problems
+
+
+def _same_file(a: str, b: Path) -> bool:
+    try:
+        return Path(a).resolve().samefile(b) or filecmp.cmp(a, b, shallow=False)
+    except OSError:
+        return False
 
 
 def _headline(task: str, results: dict) -> tuple[str, bool]:

@@ -71,7 +71,12 @@ def read_text_file(path: Path) -> str:
 
 
 def _jsonl_text(path: Path, text: str, text_field: str) -> str:
-    """The ``text_field`` strings of a JSON-lines file; errors name the file and the 1-based line."""
+    """The ``text_field`` strings of a JSON-lines file, one after another with a blank line between."""
+    return "\n\n".join(_jsonl_rows(path, text, text_field))
+
+
+def _jsonl_rows(path: Path, text: str, text_field: str) -> list[str]:
+    """The ``text_field`` string of each row of a JSON-lines file; errors name the file and the 1-based line."""
     parts = []
     for number, line in enumerate(text.splitlines(), start=1):
         if not line.strip():
@@ -88,7 +93,27 @@ def _jsonl_text(path: Path, text: str, text_field: str) -> str:
             raise DataError(f"{path}: line {number}: field {text_field!r} is {type(row[text_field]).__name__}, "
                             "expected a string")
         parts.append(row[text_field])
-    return "\n\n".join(parts)
+    return parts
+
+
+def row_span(source: TextSource) -> tuple[int, int]:
+    """(first, last) 0-based rows of a one-file JSON-lines source that its ``start``/``end`` slice reads (any
+    other source: every row, conservatively)."""
+    path = Path(source.files[0]) if len(source.files) == 1 else None
+    if path is None or path.suffix != ".jsonl":
+        return 0, 10**12
+    parts = _jsonl_rows(path, read_text_file(path), source.field)
+    total = sum(len(p) for p in parts) + 2 * max(len(parts) - 1, 0)
+    begin, stop = int(total * source.start), int(total * source.end)
+    first = last = None
+    offset = 0
+    for row, part in enumerate(parts):
+        end = offset + len(part)
+        if end > begin and offset < stop:
+            first = row if first is None else first
+            last = row
+        offset = end + 2
+    return (first or 0), (last if last is not None else 0)
 
 
 def _read_file(path: Path, text_field: str) -> str:

@@ -76,6 +76,19 @@ class MaskScorer:
         return self.objective.finish(total / (sequences * self.positions_per_sequence))
 
     @torch.no_grad()
+    def window_values(self, mask: KeepMask) -> list[float]:
+        """The objective's mean per position of each sequence, before ``finish`` (e.g. log-perplexity for ppl):
+        per-window values, for standard errors and per-domain means."""
+        self.masker.apply(mask)
+        values = []
+        for start, ids in self._chunks(len(self.input_ids)):
+            logits = self.logits(ids)
+            for row in range(len(ids)):
+                summed = self.objective.summed(logits[row : row + 1], self.reference_rows(start + row, 1), ids[row : row + 1])
+                values.append(float(summed) / self.positions_per_sequence)
+        return values
+
+    @torch.no_grad()
     def hidden_states(self, mask: KeepMask | None = None) -> list[torch.Tensor]:
         """Residual stream entering each decoder layer plus the last layer's output: L+1 tensors [N, T, H]."""
         self.masker.apply(mask or KeepMask.dense(self.num_layers))

@@ -45,8 +45,11 @@ def export(parser: argparse.ArgumentParser) -> None:
     budget.add_argument("--max-params", type=positive_float, metavar="N", help="at most N parameters")
     budget.add_argument("--max-removed", type=positive_float, metavar="K",
                         help="remove K sublayers (a count), or the fraction K of all sublayers when K < 1")
-    parser.add_argument("--objective", choices=("heldout_ppl", "calibration"), default="heldout_ppl",
-                        help="rank masks by held-out perplexity (default) or by the calibration objective")
+    budget.add_argument("--target", type=positive_float, metavar="T",
+                        help="the recommended mask of the study's budget target T (e.g. 0.25; see recommended.csv)")
+    parser.add_argument("--objective", choices=("validation", "heldout_ppl", "calibration"), default=None,
+                        help="rank masks by validation text (default where the study has it: the recommended masks), "
+                             "held-out perplexity (the default otherwise) or the calibration objective")
     parser.add_argument("--out", required=True, help="directory for the exported model")
     parser.add_argument("--force", action="store_true", help="replace a previous export at --out")
     add_format_arguments(parser)

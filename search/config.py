@@ -163,6 +163,15 @@ class EngineSection(Section):
     # whose class declares selection_only: greedy_finercut, blockpruner, sleb, evolutionary, under any label)
 
 
+class SelectionSection(Section):
+    """How the recommended mask per budget is picked on the validation text (multi-fidelity finishing)."""
+
+    candidates: int = Field(8, ge=0, le=COUNT_MAX)  # per target, besides every strategy's result: the best masks by
+    # calibration objective, re-scored on the validation text
+    criterion: Literal["ppl", "kl"] = "ppl"  # per domain: mean log-perplexity, or mean KL to the dense model
+    reduce: Literal["mean", "worst"] = "mean"  # over domains: their mean, or the worst domain's value
+
+
 class StudyConfig(Section):
     model: ModelSection
     calibration: TextSection
@@ -170,6 +179,9 @@ class StudyConfig(Section):
     # its sequences interleaved with calibration's into one batch
     heldout: TextSection
     extra_heldout: dict[str, TextSection] = Field(default_factory=dict)  # more held-out text, scored like heldout
+    validation: dict[str, TextSection] = Field(default_factory=dict)  # named domains that pick the recommended mask
+    # per budget; disjoint from calibration and held-out text (none: no recommendation)
+    selection: SelectionSection = Field(default_factory=SelectionSection)
     objective: Literal["kl", "js", "ppl"] = "kl"
     reference: ReferenceSection = Field(default_factory=ReferenceSection)
     budget: BudgetSection = Field(default_factory=BudgetSection)
@@ -370,6 +382,11 @@ def calibration_sections(config: StudyConfig) -> list[tuple[str, TextSection]]:
             *((f"extra_calibration.{name}", section) for name, section in config.extra_calibration.items())]
 
 
+def validation_sections(config: StudyConfig) -> list[tuple[str, TextSection]]:
+    """The validation domains with their config keys ``validation.<name>``, in config order."""
+    return [(f"validation.{name}", section) for name, section in config.validation.items()]
+
+
 def calibration_specs(config: StudyConfig) -> list:
     """Each calibration part as a ``BatchSpec`` (see :func:`objectives.calibration.mixed_batch`)."""
     return [text_source(config, section) for _, section in calibration_sections(config)]
@@ -408,24 +425,23 @@ def _overlaps(cal, held) -> bool:
 
 
 def _check_disjoint(config: StudyConfig) -> list[str]:
-    """Held-out text must not overlap any calibration text, compared by content: the same files (by digest) with
-    overlapping slices, or the same selected characters."""
-    problems = []
-    held_sources = [(held_set.key, text_source(config, held_set.section).source) for held_set in heldout_sets(config)]
-    for cal_key, cal_section in calibration_sections(config):
-        cal = text_source(config, cal_section).source
-        for held_key, held in held_sources:
-            if _overlaps(cal, held):
-                problems.append(
-                    f"{held_key}: held-out text {held.describe()} overlaps {cal_key} text {cal.describe()}; "
-                    "use disjoint slices (e.g. calibration end: 0.8, heldout start: 0.8) or other files")
-    return problems
+    """Held-out and validation text must not overlap calibration text, nor each other, compared by content: the
+    same files (by digest) with overlapping slices, or the same selected characters."""
+    source = lambda section: text_source(config, section).source  # noqa: E731
+    calibration = [(key, source(section)) for key, section in calibration_sections(config)]
+    validation = [(key, source(section)) for key, section in validation_sections(config)]
+    held = [(held_set.key, source(held_set.section)) for held_set in heldout_sets(config)]
+    pairs = [(a, b) for a in calibration for b in [*validation, *held]] + [(a, b) for a in validation for b in held]
+    return [f"{later_key}: text {later.describe()} overlaps {key} text {first.describe()}; use disjoint slices "
+            "(e.g. calibration end: 0.8, heldout start: 0.8) or other files"
+            for (key, first), (later_key, later) in pairs if _overlaps(first, later)]
 
 
 def _check_extra_sections(config: StudyConfig) -> list[str]:
     """The ``extra_heldout`` and ``extra_calibration`` names, and every calibration part's ``seq_len``."""
     named = [("extra_heldout", name) for name in config.extra_heldout]
     named += [("extra_calibration", name) for name in config.extra_calibration]
+    named += [("validation", name) for name in config.validation]
     problems = [f"{key}.{name}: names are letters, digits and underscores (got {name!r})"
                 for key, name in named if not re.fullmatch(r"[A-Za-z0-9_]+", name)]
     length = config.calibration.seq_len
@@ -501,14 +517,28 @@ def _check_sections(config: StudyConfig) -> list[str]:
     return problems
 
 
+def _check_benchmark_rows(config: StudyConfig) -> list[str]:
+    """Calibration and validation text must not read the benchmark rows the ``confirm:`` tasks evaluate."""
+    from objectives.benchmarks import evaluated_rows_problems
+
+    settings = config.confirm
+    tasks, limit, limits = settings.get("tasks"), settings.get("limit"), settings.get("limits")
+    if not isinstance(tasks, list) or not (limit is None or isinstance(limit, int)) or not isinstance(limits or {}, dict):
+        return []  # no benchmark tasks, or settings the confirm section's own check reports
+    sources = [(key, text_source(config, section).source)
+               for key, section in [*calibration_sections(config), *validation_sections(config)]]
+    return evaluated_rows_problems(sources, tasks, limit, limits)
+
+
 def config_problems(config: StudyConfig) -> list[str]:
     """Every problem found without loading weights or touching the disk beyond reading."""
     text = [problem for key, section in calibration_sections(config) for problem in _check_text(config, key, section)]
     text += _check_extra_sections(config)
     text += [problem for held in heldout_sets(config) for problem in _check_text(config, held.key, held.section)]
+    text += [problem for key, section in validation_sections(config) for problem in _check_text(config, key, section)]
     return [
         *_check_model(config),
-        *(text or _check_disjoint(config)),
+        *(text or [*_check_disjoint(config), *_check_benchmark_rows(config)]),
         *_check_strategies(config),
         *_check_budget(config),
         *_check_storage(config),

@@ -5,7 +5,8 @@ The main study ``depthsearch`` holds every full evaluation of a mask as a COMPLE
 "params"), params ``keep_<i>`` (0/1 per flat sublayer, one :data:`KEEP_BIT` distribution everywhere) and the
 trial attrs of :data:`TRIAL_ATTRS` plus one attr per cost metric. Its study attrs are ``meta`` (the run's
 metadata and the fingerprint), ``strategy:<tag>`` (one record per strategy: results, counters, notes) and
-``heldout`` / ``heldout:<name>`` (held-out perplexity caches). A sampler's working studies live beside it in the
+``heldout`` / ``heldout:<name>`` (held-out perplexity caches) and ``validation`` (the validation candidates and
+their per-window values). A sampler's working studies live beside it in the
 same storage, named ``depthsearch:<name>``; the study ``depthsearch:owner`` holds the writer claims (one RUNNING
 trial per live writer, see :meth:`StudyRecord.writer_claim`).
 """
@@ -23,7 +24,8 @@ from typing import Any, Iterable
 import optuna
 from optuna.distributions import CategoricalDistribution
 
-from search.stored import HeldoutCache, Meta, StrategyRecord, TrialAttrs, mask_problem, shape_problem
+from search.stored import (HeldoutCache, Meta, StrategyRecord, TrialAttrs, ValidationCache, mask_problem,
+                           shape_problem)
 from surgery.errors import UserError
 from surgery.mask import KeepMask
 
@@ -38,6 +40,7 @@ META = "meta"
 STRATEGY_PREFIX = "strategy:"
 HELDOUT, HELDOUT_PREFIX = "heldout", "heldout:"  # the primary held-out set's cache, then each extra set's
 PRIMARY_COLUMN, EXTRA_COLUMN_PREFIX = "heldout_ppl", "heldout_ppl_"  # report columns of held-out perplexity
+VALIDATION = "validation"  # candidates per target and their per-window values on each validation domain
 OWNER_SUFFIX = ":owner"  # the study of writer claims beside the main study
 
 
@@ -232,6 +235,20 @@ class StudyRecord:
                     for k, v in sorted(attrs.items()) if k.startswith(HELDOUT_PREFIX)})
         return out
 
+    def validation_cache(self) -> dict:
+        """``{"spec": ..., "criterion": ..., "pool": {target: [mask]}, "windows": {mask: {domain: [value]}}}``
+        (empty when the study has no validation text or it was never scored)."""
+        cache = self.study.user_attrs.get(VALIDATION)
+        if cache is None:
+            return {}
+        self._check_shape(VALIDATION, ValidationCache, cache)
+        self._check_masks(VALIDATION, [*cache.get("windows", {}), *(m for ms in cache.get("pool", {}).values() for m in ms)])
+        return cache
+
+    def set_validation_cache(self, cache: dict) -> None:
+        self._check_claim()
+        self.study.set_user_attr(VALIDATION, cache)
+
     def _checked_cache(self, attr: str, cache) -> dict:
         self._check_shape(attr, HeldoutCache, cache)
         self._check_masks(attr, list(cache.get("ppl", {})))
@@ -244,6 +261,7 @@ class StudyRecord:
             self.meta()
             self.strategy_records()
             self.heldout_ppl()
+            self.validation_cache()
             self.evaluations()
         except StudyStorageError:
             raise

@@ -1,5 +1,5 @@
 """The shapes of what a study stores, checked when ``search.record`` reads them back: the run metadata, strategy
-records, held-out caches, trial attributes and writer claims. A damaged study is one message naming the study
+records, held-out and validation caches, trial attributes and writer claims. A damaged study is one message naming the study
 and the attribute, never a traceback further on."""
 
 from __future__ import annotations
@@ -53,6 +53,17 @@ class HeldoutCache(_Stored):
 
     spec: list[Any] = []
     ppl: dict[StrictStr, Number] = {}
+
+
+class ValidationCache(_Stored):
+    """The ``validation`` study attr: candidates per target and their per-window values on each domain."""
+
+    spec: list[Any] = []
+    criterion: StrictStr = "ppl"
+    reduce: StrictStr = "mean"
+    pool: dict[StrictStr, list[StrictStr]] = {}
+    windows: dict[StrictStr, dict[StrictStr, list[Number]]] = {}
+    wall_s: Number = 0.0
 
 
 class TrialAttrs(_Stored):

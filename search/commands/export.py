@@ -1,10 +1,13 @@
 """``export``: the best mask of a study within a size budget, exported as a smaller model.
 
-``--max-params N`` keeps masks with at most N parameters and takes the best one. ``--max-removed K`` takes
-the masks removing the most sublayers allowed (K sublayers, or the fraction K of all sublayers when K < 1;
-fewer only when no scored mask removes exactly that many) and the best one among them. "Best" is the lowest
-held-out perplexity (default; among the masks the study scored on held-out text: every strategy's results and
-the calibration Pareto front) or the lowest calibration objective (among every evaluated mask).
+``--target T`` takes the study's recommended mask of budget target T (``recommended.csv``: picked on validation
+text, see :mod:`search.selection`). ``--max-params N`` keeps masks with at most N parameters and takes the best
+one. ``--max-removed K`` takes the masks removing the most sublayers allowed (K sublayers, or the fraction K of all
+sublayers when K < 1; fewer only when no scored mask removes exactly that many) and the best one among them.
+"Best" is the lowest validation value (default for a study with validation text: among the masks scored on it,
+so a budget equal to a target's gives its recommended mask), the lowest held-out perplexity (default otherwise;
+among the masks the study scored on held-out text: every strategy's result and the calibration Pareto front) or
+the lowest calibration objective (among every evaluated mask).
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from search.commands.report import StudyData, read_study
+from search.commands.report import VALIDATION_COLUMN, StudyData, read_study, recommended
 from search.record import PRIMARY_COLUMN
 from surgery.errors import UserError
 
@@ -55,11 +58,38 @@ def candidates(data: StudyData, *, max_params=None, max_removed=None, scored: st
     return within[within["removed"] == within["removed"].max()]
 
 
-def select(data: StudyData, *, max_params=None, max_removed=None, objective: str = PRIMARY_COLUMN) -> pd.Series:
+COLUMNS = {"validation": VALIDATION_COLUMN, PRIMARY_COLUMN: PRIMARY_COLUMN, "calibration": "objective"}
+
+
+def default_objective(data: StudyData) -> str:
+    """Validation where the study scored validation text (the recommended masks), else held-out perplexity."""
+    return "validation" if data.validation.get("windows") else PRIMARY_COLUMN
+
+
+def select(data: StudyData, *, max_params=None, max_removed=None, objective: str | None = None) -> pd.Series:
     """The best mask within the budget by ``objective``; its row of trials.csv (first finder as strategy)."""
-    column = PRIMARY_COLUMN if objective == PRIMARY_COLUMN else "objective"
+    objective = objective or default_objective(data)
+    if objective == "validation" and not data.validation.get("windows"):
+        raise ExportError("this study scored no validation text (no `validation:` in its config); "
+                          "use --objective heldout_ppl")
+    column = COLUMNS[objective]
     pool = candidates(data, max_params=max_params, max_removed=max_removed, scored=column)
     return pool.sort_values([column, "trial"], kind="stable").iloc[0]
+
+
+def select_target(data: StudyData, target: float) -> tuple[pd.Series, str]:
+    """The recommended mask of a study target (its trials.csv row) and the reason it was picked."""
+    chosen = recommended(data)
+    if chosen.empty:
+        raise ExportError("this study has no recommended masks (no `validation:` in its config); use --max-params")
+    match = chosen[(chosen["target"] - target).abs() < 1e-9]
+    if match.empty:
+        raise ExportError(f"--target {target:g}: not a target of this study (targets: "
+                          f"{', '.join(format(t, 'g') for t in chosen['target'])})")
+    row = match.iloc[0]
+    trial = data.trials[data.trials["mask"] == row["mask"]].sort_values("trial").iloc[0].copy()
+    trial["strategy"] = row["strategy"]
+    return trial, row["reason"]
 
 
 def main(args: argparse.Namespace) -> int:
@@ -74,14 +104,18 @@ def main(args: argparse.Namespace) -> int:
     data = read_study(study_dir)
     _, _, config = load_study_dir(study_dir)
     name, trust = study_model(study_dir, config, data.meta, trust_remote_code=args.trust_remote_code)
-    best = select(data, max_params=args.max_params, max_removed=args.max_removed, objective=args.objective)
+    if args.target is not None:
+        best, why = select_target(data, args.target)
+    else:
+        best = select(data, max_params=args.max_params, max_removed=args.max_removed, objective=args.objective)
+        why = _why(data, best, args.objective or default_objective(data))
     options = export_options(args, name)
     local = model_source(config)[1]
     protect = (("the study", study_dir), ("the source model", Path(name) if local else None))
     check_target(Path(args.out), args.force, protect=protect)  # before the model is loaded
-    metrics = {key: _plain(best[key]) for key in ("strategy", "objective", PRIMARY_COLUMN, "removed_attn",
+    metrics = {key: _plain(best[key]) for key in ("strategy", "objective", PRIMARY_COLUMN, VALIDATION_COLUMN, "removed_attn",
                                                     "removed_ffn", *data.meta["dense"]) if key in best}
-    metrics.update(calibration_objective=data.meta["objective"], study=str(args.study_dir))
+    metrics.update(calibration_objective=data.meta["objective"], study=str(args.study_dir), selected_because=why)
     mask = KeepMask.parse(best["mask"])
     if options.source_file is not None and options.outtype is None:  # tensors copied: no model to load
         out = export_gguf_file(options.source_file, mask, Path(args.out), source=config.model.name,
@@ -95,8 +129,19 @@ def main(args: argparse.Namespace) -> int:
     ppl = "-" if pd.isna(best[PRIMARY_COLUMN]) else f"{best[PRIMARY_COLUMN]:.4g}"
     size = int(best['params']) if 'params' in best else '?'
     print(f"exported {best['mask']} (found by {best['strategy']}, {size} params, "
-          f"held-out ppl {ppl}) to {out} as {args.format}")
+          f"held-out ppl {ppl}) to {out} as {args.format}\n  chosen: {why}")
     return 0
+
+
+def _why(data: StudyData, best: pd.Series, objective: str) -> str:
+    """Why ``best`` was exported: the recommended mask's reason where it is one, else the ranking used."""
+    chosen = recommended(data) if objective == "validation" else pd.DataFrame()
+    same = chosen[chosen["mask"] == best["mask"]] if not chosen.empty else chosen
+    if not same.empty:
+        return f"the recommended mask of target {same.iloc[0]['target']:g}: {same.iloc[0]['reason']}"
+    ranking = {"validation": "validation value", PRIMARY_COLUMN: "held-out perplexity",
+               "calibration": "calibration objective"}[objective]
+    return f"the lowest {ranking} among the masks within the budget"
 
 
 def _plain(value):

@@ -3,7 +3,9 @@
 Files: ``trials.csv`` (one row per evaluated mask and strategy), ``front.csv`` (Pareto front of parameters
 versus held-out perplexity, with the strategy that found each point), ``pareto.png`` / ``pareto.html``
 (fronts per strategy, dense model marked), ``layers.png`` (which sublayers each front mask removes) and
-``summary.md`` (strategies compared at each budget, with the optimality gap against exhaustive search).
+``summary.md`` (strategies compared at each budget, with the optimality gap against exhaustive search) and, for a
+study with validation text, ``recommended.csv`` (the recommended mask per budget, see :mod:`search.selection`) with
+the strategies' ranks on calibration, validation and held-out text in ``summary.md``.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ import pandas as pd
 from search.record import PRIMARY_COLUMN, StudyRecord, heldout_set_name
 from surgery.files import atomic_write, atomic_write_text
 from surgery.mask import KeepMask, sublayer_name
+
+VALIDATION_COLUMN = "validation"  # trials.csv: the validation value of the masks scored on validation text
 
 
 def main(args: argparse.Namespace) -> int:
@@ -44,6 +48,20 @@ class StudyData:
     heldout: dict[str, float]  # mask -> held-out perplexity
     trials: pd.DataFrame = field(default_factory=pd.DataFrame)
     extra_heldout: dict[str, dict[str, float]] = field(default_factory=dict)  # column -> mask -> perplexity
+    validation: dict = field(default_factory=dict)  # the validation cache (search.selection), empty without one
+
+    @property
+    def criterion(self) -> str:
+        return self.validation.get("criterion", "ppl")
+
+    def validation_value(self, mask: str) -> float | None:
+        """A mask's validation value as reported (geometric-mean perplexity or mean KL over domains), or None."""
+        from search.selection import shown
+
+        from search.selection import scored_masks
+
+        scored = scored_masks({**self.validation, "windows": {mask: self.validation.get("windows", {}).get(mask)}})
+        return shown(scored[mask].value, self.criterion) if mask in scored else None
 
     def heldout_columns(self, mask: str) -> dict[str, float | None]:
         """``heldout_ppl`` and each ``heldout_ppl_<name>`` of ``mask`` (None where it was not scored)."""
@@ -94,9 +112,10 @@ def trials_frame(record: StudyRecord, meta: dict, data: StudyData) -> pd.DataFra
         row.update({name: done.cost(name) for name in meta["dense"]})
         row["objective"] = done.objective
         row.update(data.heldout_columns(done.mask))
+        row[VALIDATION_COLUMN] = data.validation_value(done.mask)
         rows.append(row)
     columns = ["trial", "strategy", "target", "mask", "removed_attn", "removed_ffn", "removed", *meta["dense"],
-               "objective", PRIMARY_COLUMN, *data.extra_heldout]
+               "objective", PRIMARY_COLUMN, *data.extra_heldout, VALIDATION_COLUMN]
     return pd.DataFrame(rows, columns=columns)
 
 
@@ -110,6 +129,7 @@ def read_study(study_dir: Path) -> StudyData:
     heldout = record.heldout_ppl()
     data = StudyData(Path(study_dir), url, meta, record.strategy_records(), heldout.pop(PRIMARY_COLUMN))
     data.extra_heldout = heldout
+    data.validation = record.validation_cache()
     data.trials = trials_frame(record, data.meta, data)
     return data
 
@@ -133,7 +153,7 @@ def _finders(data: StudyData) -> dict[str, str]:
             if mask and tag not in found.setdefault(mask, []):
                 found[mask].append(tag)
     first = data.trials.drop_duplicates("mask").set_index("mask")["strategy"].to_dict()
-    masks = set(data.heldout) | set(found)
+    masks = set(data.heldout) | set(found) | set(data.validation.get("windows", {}))
     return {m: "+".join(found.get(m) or [first.get(m) or ("dense" if m == data.dense_mask else "?")]) for m in masks}
 
 
@@ -170,9 +190,10 @@ def results_frame(data: StudyData) -> pd.DataFrame:
     for tag, record in data.records.items():
         for key, mask in record.get("results", {}).items():
             rows.append({"target": float(key), "strategy": tag, "mask": mask, metric: costs.get(mask),
-                         "objective": objective.get(mask), **data.heldout_columns(mask)})
+                         "objective": objective.get(mask), **data.heldout_columns(mask),
+                         VALIDATION_COLUMN: data.validation_value(mask)})
     frame = pd.DataFrame(rows, columns=["target", "strategy", "mask", metric, "objective", PRIMARY_COLUMN,
-                                        *data.extra_heldout])
+                                        *data.extra_heldout, VALIDATION_COLUMN])
     optimum = {float(k): objective.get(m) for k, m in _exhaustive(data).get("results", {}).items() if m}
     frame["optimum"] = frame["target"].map(optimum)
     frame["gap"] = frame["objective"] - frame["optimum"]
@@ -269,13 +290,68 @@ def summary_markdown(data: StudyData, results: pd.DataFrame, front: pd.DataFrame
                               "objective": group["objective"], "gap vs exhaustive": [_gap_text(r) for r in group.itertuples()],
                               "held-out ppl": group[PRIMARY_COLUMN],
                               **{f"held-out ppl {heldout_set_name(c)}": group[c] for c in data.extra_heldout}})
+        if data.validation:
+            table[f"validation {data.criterion}"] = group[VALIDATION_COLUMN]
         lines += [f"## Budget: {target:.0%} of {metric} removed ({metric} <= {limit:g})", "", _md_table(table), ""]
     comparison = comparison_frame(data, results)
     if not comparison.empty:
         lines += ["## Seed methods vs the project's own search (best of each at each target, on held-out text)", "",
                   _md_table(comparison), ""]
+    lines += selection_markdown(data, results)
     lines += ["## Pareto front: size vs held-out perplexity", "", _md_table(front) if not front.empty else "(empty)", ""]
     return "\n".join(lines)
+
+
+def recommended(data: StudyData) -> pd.DataFrame:
+    """recommended.csv: per target, the mask picked on validation text and why (empty without validation text)."""
+    from search.selection import reason, recommended_frame
+
+    if not data.validation:
+        return pd.DataFrame()
+    sizes = data.trials.drop_duplicates("mask").set_index("mask")[data.size_metric].to_dict()
+    frame = recommended_frame(data.validation, _finders(data), sizes)
+    if frame.empty:
+        return frame
+    frame = frame.rename(columns={"size": data.size_metric})
+    for column in [PRIMARY_COLUMN, *data.extra_heldout]:
+        frame[column] = [data.heldout_columns(m)[column] for m in frame["mask"]]
+    domains = len(next(iter(data.validation["windows"].values())))
+    reduce = data.validation.get("reduce", "mean")
+    frame["reason"] = [reason(row, data.criterion, domains, reduce) for _, row in frame.iterrows()]
+    return frame
+
+
+def selection_markdown(data: StudyData, results: pd.DataFrame) -> list[str]:
+    """The recommended masks, then each strategy's rank on calibration, validation and held-out text per target
+    with the rank correlations: where the search fitted its calibration text, the ranks disagree."""
+    import numpy as np
+
+    from search.selection import rank_correlations, rank_frame
+
+    chosen = recommended(data)
+    if chosen.empty:
+        return []
+    criterion, windows = data.criterion, data.validation["windows"]
+    domains = ", ".join(next(iter(windows.values())))
+    lines = ["## Recommended mask per budget (picked on validation text)", "",
+             f"Validation domains: {domains}; {len(windows)} masks scored in {data.validation.get('wall_s', 0):.0f} s. "
+             f"`export` takes these masks by default.", "",
+             _md_table(chosen.drop(columns=["reason"])), ""]
+    lines += [f"- {row.target:.1%}: {row.reason}" for row in chosen.itertuples()]
+    noisy = chosen[chosen["within_noise"]]
+    lines += [f"- **warning** {row.target:.1%}: the lead over {row.runner_up_strategy} ({row.lead:.3g}) is within "
+              f"{2:g} standard errors ({row.lead_se:.2g}); more validation text would separate them"
+              for row in noisy.itertuples()]
+    held = [PRIMARY_COLUMN, *data.extra_heldout]
+    scored = results.copy()
+    scored["heldout"] = np.log(scored[held].astype(float)).mean(axis=1)
+    columns = {"calibration": "objective", "validation": VALIDATION_COLUMN, "held-out": "heldout"}
+    ranks = rank_frame(scored, columns)
+    lines += ["", "### Ranks on calibration, validation and held-out text", "",
+              f"Each strategy's result ranked per target (1 = best; held-out: mean log-perplexity over "
+              f"{len(held)} held-out set(s)). Spearman correlations between the rankings:", "",
+              _md_table(rank_correlations(ranks, list(columns))), "", _md_table(ranks), ""]
+    return lines
 
 
 # plots -----------------------------------------------------------------------------------------------------
@@ -391,6 +467,9 @@ def write_report(study_dir: Path, *, quiet: bool = False) -> dict[str, Path]:
         "layers_png": plot_layers_png(data, front, out / "layers.png"),
         "summary": atomic_write_text(out / "summary.md", summary_markdown(data, results, front)),
     }
+    chosen = recommended(data)
+    if not chosen.empty:
+        paths["recommended"] = atomic_write(out / "recommended.csv", lambda tmp: chosen.to_csv(tmp, index=False))
     print(f"inspect the study: {dashboard_command(data.storage)}")
     if not quiet:
         print(f"summary: {paths['summary']}")

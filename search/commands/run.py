@@ -34,11 +34,13 @@ from search.config import (
     model_source,
     storage_url,
     text_source,
+    validation_sections,
 )
 from search.studydir import CONFIG_COPY, output_dir_problem
 from search import studydir
 from search.evaluation.context import SearchContext
 from search.commands.report import write_report
+from search.selection import finish_on_validation
 from search.record import PRIMARY_COLUMN, StudyInUseError, StudyRecord, open_record, strategy_problems
 from search.writers import writer_claim, writer_problem
 from surgery.files import atomic_write_text
@@ -90,6 +92,7 @@ class Prepared:
     calibration: torch.Tensor | None = None
     heldout: torch.Tensor | None = None
     extra_heldout: dict[str, torch.Tensor] = field(default_factory=dict)  # report column -> token batch
+    validation: dict[str, torch.Tensor] = field(default_factory=dict)  # validation domain -> token batch
 
 
 def budget_names(config: StudyConfig) -> list[str]:
@@ -126,7 +129,8 @@ def _text_problems(config: StudyConfig, tokenizer, prepared: Prepared) -> list[s
     problems = []
     batches = {}
     calibration = calibration_sections(config)
-    for key, section in [*calibration, *((h.key, h.section) for h in heldout_sets(config))]:
+    later = [*((h.key, h.section) for h in heldout_sets(config)), *validation_sections(config)]
+    for key, section in [*calibration, *later]:
         try:
             batches[key] = token_batch(text_source(config, section), tokenizer)
         except DataError as error:
@@ -135,11 +139,12 @@ def _text_problems(config: StudyConfig, tokenizer, prepared: Prepared) -> list[s
     cal = prepared.calibration = interleave([batches[k] for k in keys]) if set(keys) <= set(batches) else None
     prepared.heldout = batches.get("heldout")
     prepared.extra_heldout = {h.column: batches[h.key] for h in heldout_sets(config)[1:] if h.key in batches}
+    prepared.validation = {key.split(".", 1)[1]: batches[key] for key, _ in validation_sections(config) if key in batches}
     for key, held in batches.items():
         if key not in keys and cal is not None and cal.shape[1] == held.shape[1]:
             same = int((held[:, None, :] == cal[None, :, :]).all(-1).any(-1).sum())
             if same:
-                problems.append(f"{key}: {same} of {len(held)} held-out sequences equal calibration sequences; use other text")
+                problems.append(f"{key}: {same} of {len(held)} sequences equal calibration sequences; use other text")
     return problems
 
 
@@ -152,6 +157,7 @@ def _shape_problems(config: StudyConfig, model) -> list[str]:
         return [f"model.name: model {name} has no decoder layers (num_hidden_layers: 0)"]
     lengths = {f"{key}.seq_len": section.seq_len for key, section in calibration_sections(config)}
     lengths.update({f"{h.key}.seq_len": h.section.seq_len for h in heldout_sets(config)})
+    lengths.update({f"{key}.seq_len": section.seq_len for key, section in validation_sections(config)})
     return positions_problems(model.config, lengths, f"model {name}")
 
 
@@ -204,7 +210,8 @@ def describe_plan(config: StudyConfig, prepared: Prepared | None) -> str:
     out = Path(config.output_dir)
     lines = [f"study {config.source}: valid", f"  model: {name} ({'local' if local else 'hub id, not loaded'})"]
     lines.append(f"  device: {config.model.device}")
-    for key, section in [*calibration_sections(config), *((h.key, h.section) for h in heldout_sets(config))]:
+    held = [(h.key, h.section) for h in heldout_sets(config)]
+    for key, section in [*calibration_sections(config), *held, *validation_sections(config)]:
         spec = text_source(config, section)
         lines.append(f"  {key}: {spec.source.describe()}, {spec.num_sequences} x {spec.seq_len} tokens, seed {spec.seed}")
     lines.append(f"  objective: {config.objective}; budget: {config.budget.metric}, targets removed {config.budget.targets}")
@@ -245,7 +252,7 @@ def portable_config(config: StudyConfig) -> dict:
     data["model"]["name"] = str(Path(name).resolve()) if local else name
     for key in ("calibration", "heldout"):
         data[key]["files"] = list(text_source(config, getattr(config, key)).source.files)
-    for key in ("extra_calibration", "extra_heldout"):
+    for key in ("extra_calibration", "extra_heldout", "validation"):
         for name, section in getattr(config, key).items():
             data[key][name]["files"] = list(text_source(config, section).source.files)
     return data
@@ -308,12 +315,14 @@ def _heldout_masks(record: StudyRecord, results: list[dict], num_layers: int, *,
     return sorted(masks)
 
 
-def heldout_scores(record: StudyRecord, config: StudyConfig, model, prepared: Prepared, results, *, progress=True):
-    """Held-out perplexity on every held-out set of every strategy result, the front and the dense model (cached)."""
+def heldout_scores(record: StudyRecord, config: StudyConfig, model, prepared: Prepared, results, *, progress=True,
+                   more: list[str] = ()):
+    """Held-out perplexity on every held-out set of every strategy result, the validation candidates (``more``), the
+    front and the dense model (cached)."""
     batches = {PRIMARY_COLUMN: prepared.heldout, **prepared.extra_heldout}
     layers = record.meta()["num_layers"]
-    for held in heldout_sets(config):  # extra sets: strategy results and the dense model only
-        masks = _heldout_masks(record, results, layers, front=held.column == PRIMARY_COLUMN)
+    for held in heldout_sets(config):  # extra sets: no front masks
+        masks = sorted({*_heldout_masks(record, results, layers, front=held.column == PRIMARY_COLUMN), *more})
         _score_heldout_set(record, config, model, held, batches[held.column], masks, progress)
 
 
@@ -427,7 +436,8 @@ def _search(config: StudyConfig, record: StudyRecord, url: str, model, prepared:
     for entry in outer:
         outer.set_postfix_str(entry.tag)
         results.append(run_strategy(ctx, entry, progress=progress))
-    heldout_scores(record, config, model, prepared, results, progress=progress)
+    pool = finish_on_validation(ctx, config, model, prepared.validation, results, progress=progress)
+    heldout_scores(record, config, model, prepared, results, progress=progress, more=pool)
     paths = write_report(out, quiet=True)
     trials = len(record.evaluations())
     print(f"done: {trials} trials from {len(results)} strategies; report {paths['summary']}, "
