@@ -18,10 +18,9 @@ import pytest
 from objectives.budgets import BUDGETS
 from objectives.proxy import OBJECTIVES
 from objectives.scorer import MaskScorer
-from search.config import open_storage
 from search.evaluation.context import SearchContext, StrategyRun
 from search.evaluation.engine import PrefixEngine
-from search.record import StudyRecord
+from search.record import StudyRecord, open_storage
 from search.strategies import STRATEGIES, Strategy, StrategySettingsError
 from surgery.mask import KeepMask
 from surgery.masking import masker_for

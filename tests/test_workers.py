@@ -16,7 +16,8 @@ from search.config import load_config
 from search.evaluation.context import SearchContext
 from search.record import StudyRecord
 from search.strategies import STRATEGIES
-from search.evaluation.executors import ProcessEvaluator, RayEvaluator, build_scorer, context_options, split_batch
+from search.evaluation.executors import ProcessEvaluator, RayEvaluator, context_options, split_batch
+from search.evaluation.workers import build_scorer
 from surgery.mask import KeepMask
 
 

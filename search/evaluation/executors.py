@@ -15,66 +15,21 @@ from __future__ import annotations
 
 import os
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
 from multiprocessing import get_context
-from pathlib import Path
-from typing import Any, Callable, Sequence
-
-import torch
+from typing import Any, Sequence
 
 from search.config import StudyConfig
-from search.evaluation.engine import EngineCounters, Staging, make_scoring_backend
+from search.evaluation.engine import EngineCounters, Staging
+from search.evaluation.workers import WorkerState, ray_options, ray_session, scoring_backend
 from surgery.mask import KeepMask
 from surgery.errors import UserError
-
-
-ROOT = str(Path(__file__).resolve().parents[2])  # the project root: workers import search/, surgery/, objectives/ from here
 
 
 class ExecutorError(UserError):
     """An executor setting that cannot be used (the message names the key)."""
 
 
-# worker side -------------------------------------------------------------------------------------------------
-def build_scorer(config: StudyConfig, *, device: str | None = None):
-    """The study's MaskScorer: model, calibration batch, objective and reference exactly as ``run`` builds them."""
-    from objectives.calibration import mixed_batch
-    from objectives.scorer import MaskScorer
-    from search.config import calibration_specs, model_source
-    from surgery.load import load_model
-
-    name, _ = model_source(config)
-    model, tokenizer = load_model(name, dtype=config.model.dtype, device=device or config.model.device,
-                                  trust_remote_code=config.model.trust_remote_code)
-    ids = mixed_batch(calibration_specs(config), tokenizer)
-    torch.manual_seed(config.seed)
-    return MaskScorer(model, ids, config.objective, batch_size=config.reference.batch_size,
-                      topk=config.reference.topk)
-
-
-def scoring_backend(config: StudyConfig, scorer):
-    """The backend that scores masks in one process (in process or in a worker), per the config's ``engine``."""
-    return make_scoring_backend(scorer, prefix_reuse=config.engine.prefix_reuse,
-                                state_cache_mb=config.engine.state_cache_mb)
-
-
-class WorkerState:
-    """What one worker process holds: the scorer and its backend, built once."""
-
-    def __init__(self, config: StudyConfig, threads: int | None = None):
-        if threads:
-            torch.set_num_threads(threads)
-        self.scorer = build_scorer(config)
-        self.backend = scoring_backend(config, self.scorer)
-
-    def score(self, masks: Sequence[str], sequences: int | None) -> tuple[list[float], int, int]:
-        """(values, sublayer forwards, head forwards) for masks given as text."""
-        counters = self.backend.counters
-        before = counters.sublayer_forwards, counters.head_forwards
-        values = self.backend.score_many([KeepMask.parse(m) for m in masks], sequences)
-        return values, counters.sublayer_forwards - before[0], counters.head_forwards - before[1]
-
-
+# process pool workers ----------------------------------------------------------------------------------------
 _STATE: WorkerState | None = None  # one per process pool worker
 
 
@@ -193,27 +148,6 @@ class RayWorker(WorkerState):
 
     def pid(self) -> int:
         return os.getpid()
-
-
-def ray_options(resources: dict[str, float]) -> dict[str, Any]:
-    """Ray actor/task options from ``resources_per_worker`` (CPU, GPU, or custom resources)."""
-    resources = dict(resources)
-    options: dict[str, Any] = {"num_cpus": resources.pop("CPU", 1), "num_gpus": resources.pop("GPU", 0)}
-    if resources:
-        options["resources"] = resources
-    return options
-
-
-def ray_session(address: str | None):
-    """Ray, initialised once: joins ``address`` or starts a small local cluster."""
-    import ray
-
-    if not ray.is_initialized():
-        runtime_env = {"env_vars": {"PYTHONPATH": os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))}}
-        cpus = None if address else max(2, os.cpu_count() or 2)
-        ray.init(address=address, num_cpus=cpus, include_dashboard=False, log_to_driver=False,
-                 runtime_env=runtime_env)
-    return ray
 
 
 def make_evaluator(config: StudyConfig, scorer):

@@ -1,6 +1,6 @@
 """Ray Tune: an Optuna sampler's trials (TPE, random, NSGA-II) as Ray Tune trials (OptunaSearch).
 
-Each Tune trial scores one mask on a worker that loads the model once (``search.evaluation.executors``), with
+Each Tune trial scores one mask on a worker that loads the model once (``search.evaluation.workers``), with
 the budget excess as the trial's constraint; :class:`TuneRunner` records the results in both the main study
 (through the strategy's run) and the sampler's working study, so a re-run counts them and resumes.
 """
@@ -18,7 +18,7 @@ import optuna
 
 from objectives.budgets import CostTable, budget_excess
 from search.config import StudyConfig
-from search.evaluation.executors import WorkerState, ray_options, ray_session
+from search.evaluation.workers import WorkerState, ray_options, ray_session
 from search.record import (
     BUDGET_CONSTRAINT, PENALTY, completed, keep_params, mask_from_params, planned_mask, suggest_mask,
 )
