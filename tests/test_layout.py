@@ -151,12 +151,21 @@ def test_only_the_record_knows_the_storage_layout():
 
 
 def test_strategies_see_only_the_run_object():
-    found = [p.name for p, text in _sources("search/strategies").items() if "run.ctx" in text or ".ctx." in text]
+    sources = {**_sources("search/strategies"), ROOT / "search/evaluation/tune.py": (
+        ROOT / "search/evaluation/tune.py").read_text(encoding="utf-8")}
+    found = [p.name for p, text in sources.items() if "run.ctx" in text or ".ctx." in text]
     assert found == []
     graph = import_graph(("search",), lazy=True)
     strategies = {m: deps for m, deps in graph.items() if m.startswith("search.strategies")}
     allowed = ("search.strategies", "search.record", "search.evaluation.context")
     assert all(d.startswith(allowed) for deps in strategies.values() for d in deps), strategies
+
+
+def test_seams_are_typed_not_probed():
+    """Evaluators and strategies are found through their base classes, never by probing for attributes."""
+    found = [(p.name, line.strip()) for p, text in _sources("search/evaluation", "search/strategies").items()
+             for line in text.splitlines() if "hasattr(" in line or 'getattr(self.ctx' in line]
+    assert found == []
 
 
 def test_lower_layers_do_not_import_search():

@@ -10,6 +10,7 @@ declare ``selection_only`` find the same masks with exact racing.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -90,11 +91,20 @@ def first(request, scored, tmp_path_factory) -> tuple[str, Path, Outcome]:
 def test_declarations(first):
     name, _, outcome = first
     cls = type(outcome.strategy)
-    assert issubclass(cls, Strategy) and cls.name == name
+    assert issubclass(cls, Strategy) and cls.name == name and not inspect.isabstract(cls)
+    assert inspect.signature(cls.search).parameters["run"].annotation == "StrategyRun"
     assert isinstance(cls.selection_only, bool) and isinstance(cls.seed_method, bool)
     assert cls.own_objective is None or cls.own_objective in OBJECTIVES
     with pytest.raises(StrategySettingsError, match=rf"'{name}'.*no_such_setting"):
         cls.from_settings({"no_such_setting": 1})
+
+
+def test_a_strategy_without_search_cannot_be_made():
+    class Nothing(Strategy):
+        pass
+
+    with pytest.raises(TypeError, match="abstract"):
+        Nothing()
 
 
 def test_every_result_meets_its_budget(first, scored):

@@ -14,12 +14,14 @@ Ray is imported only when a Ray executor is built.
 from __future__ import annotations
 
 import os
+from abc import abstractmethod
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from typing import Any, Sequence
 
 from search.config import StudyConfig
-from search.evaluation.engine import EngineCounters, Staging
+from search.evaluation.engine import Staging
+from search.evaluation.evaluator import Evaluator
 from search.evaluation.workers import WorkerState, ray_options, ray_session, scoring_backend
 from surgery.mask import KeepMask
 from surgery.errors import UserError
@@ -56,18 +58,20 @@ def split_batch(masks: Sequence[KeepMask], parts: int) -> list[list[KeepMask]]:
     return [run for run in runs if run]
 
 
-class PoolEvaluator:
+class PoolEvaluator(Evaluator):
     """Fans ``score_many`` out over workers; subclasses say how a run of masks reaches a worker."""
 
     def __init__(self, workers: int):
+        super().__init__()
         self.workers = workers
-        self.counters = EngineCounters()
 
+    @abstractmethod
     def submit(self, index: int, masks: list[str], sequences: int | None) -> Any:
-        raise NotImplementedError
+        """Send a run of masks (as text) to worker ``index``; a handle for :meth:`gather`."""
 
+    @abstractmethod
     def gather(self, handles: list[Any]) -> list[tuple[list[float], int, int]]:
-        raise NotImplementedError
+        """(values, sublayer forwards, head forwards) of each handle's run."""
 
     def score_many(self, masks: Sequence[KeepMask], sequences: int | None = None) -> list[float]:
         runs = split_batch(masks, self.workers)
@@ -79,8 +83,6 @@ class PoolEvaluator:
             self.counters.head_forwards += heads
         return [values[m] for m in masks]
 
-    def close(self) -> None:
-        """Release the workers."""
 
 
 class ProcessEvaluator(PoolEvaluator):
@@ -150,7 +152,7 @@ class RayWorker(WorkerState):
         return os.getpid()
 
 
-def make_evaluator(config: StudyConfig, scorer):
+def make_evaluator(config: StudyConfig, scorer) -> Evaluator:
     """The evaluator for the config's executor: the in-process engine, a process pool, or Ray actors."""
     executor = config.executor
     if executor.kind == "inprocess":
@@ -167,16 +169,17 @@ def make_evaluator(config: StudyConfig, scorer):
 def context_options(config: StudyConfig, scorer) -> dict[str, Any]:
     """SearchContext keywords for the config's executor and engine sections."""
     engine = config.engine
+    evaluator = make_evaluator(config, scorer)
     return {
-        "evaluator": make_evaluator(config, scorer),
+        "evaluator": evaluator,
         "staging": Staging(engine.stage_sequences, engine.stage_keep) if engine.staged else None,
         "racing": engine.racing and config.executor.kind == "inprocess",
         "select_strategies": None if engine.select_strategies is None else tuple(engine.select_strategies),
-        "tune": _tune_runner(config) if config.executor.kind == "ray" else None,
+        "tune": _tune_runner(config, evaluator) if config.executor.kind == "ray" else None,
     }
 
 
-def _tune_runner(config: StudyConfig):
+def _tune_runner(config: StudyConfig, evaluator: Evaluator):
     from search.evaluation.tune import TuneRunner  # imports Ray Tune's helpers only for executor ray
 
-    return TuneRunner(config)
+    return TuneRunner(config, evaluator)

@@ -11,9 +11,10 @@ import torch
 
 from search.config import StudyConfig
 from search.evaluation.engine import make_scoring_backend
+from search.evaluation.evaluator import Evaluator
 from surgery.mask import KeepMask
 
-ROOT = str(Path(__file__).resolve().parents[2])  # the project root: workers import search/, surgery/, objectives/ from here
+ROOT = str(Path(__file__).resolve().parents[2])  # the project root: workers import search/, surgery/, objectives/
 
 
 def build_scorer(config: StudyConfig, *, device: str | None = None):
@@ -32,7 +33,7 @@ def build_scorer(config: StudyConfig, *, device: str | None = None):
                       topk=config.reference.topk)
 
 
-def scoring_backend(config: StudyConfig, scorer):
+def scoring_backend(config: StudyConfig, scorer) -> Evaluator:
     """The backend that scores masks in one process (in process or in a worker), per the config's ``engine``."""
     return make_scoring_backend(scorer, prefix_reuse=config.engine.prefix_reuse,
                                 state_cache_mb=config.engine.state_cache_mb)
