@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import optuna
 import pytest
@@ -19,6 +23,33 @@ from search.strategies import STRATEGIES
 from search.evaluation.executors import ProcessEvaluator, RayEvaluator, context_options, split_batch
 from search.evaluation.workers import build_scorer
 from surgery.mask import KeepMask
+
+ROOT = Path(__file__).resolve().parents[1]
+# A driver on a two-node cluster (ray.cluster_utils: a head and a second node, one CPU each): it imports this
+# checkout through sys.path only, so its workers can import the project only from what Ray ships them.
+CLUSTER_DRIVER = """
+import json, sys
+sys.path.insert(0, sys.argv[1])
+import ray
+from ray.cluster_utils import Cluster
+from search.config import load_config
+from search.evaluation.executors import RayEvaluator
+from surgery.mask import KeepMask
+
+cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+cluster.add_node(num_cpus=1)
+cluster.wait_for_nodes()
+pool = RayEvaluator(load_config(sys.argv[2]), workers=2, address=cluster.address, resources={"CPU": 1})
+try:
+    values = pool.score_many([KeepMask.from_removed(5, [i]) for i in range(10)])
+    where = ray.get([actor.where.remote() for actor in pool.actors])
+    nodes = sorted(node["NodeID"] for node in ray.nodes() if node["Alive"])
+finally:
+    pool.close()
+    ray.shutdown()
+    cluster.shutdown()
+print(json.dumps({"values": values, "where": where, "nodes": nodes}))
+"""
 
 
 @pytest.fixture
@@ -125,3 +156,22 @@ def test_ray_tune_optuna_search_trials_are_recorded_with_in_process_values(confi
     assert record_working_trials(run, working, lambda mask: 0.2) == []  # recorded once
     for mask, value in finished:
         assert value == scorer.score(mask)
+
+
+@pytest.mark.slow
+def test_ray_workers_on_two_nodes_run_the_code_ray_ships_them(config, tmp_path):
+    """Nodes started with no PYTHONPATH in another directory: each worker imports the project from Ray's
+    runtime_env (py_modules), not from the checkout or an installed copy, and scores the in-process values."""
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    away = tmp_path / "elsewhere"
+    away.mkdir()
+    out = subprocess.run([sys.executable, "-c", CLUSTER_DRIVER, str(ROOT), str(config.source)], cwd=away, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-4000:]
+    found = json.loads(out.stdout.strip().splitlines()[-1])
+    assert len(found["nodes"]) == 2 and sorted(w["node"] for w in found["where"]) == found["nodes"]  # one per node
+    for where in found["where"]:
+        assert "runtime_resources" in where["code"] and not where["code"].startswith(str(ROOT)), where
+        assert Path(where["cwd"]) != ROOT and str(ROOT) not in where["pythonpath"].split(os.pathsep), where
+    scorer = build_scorer(config)
+    assert found["values"] == [scorer.score(KeepMask.from_removed(5, [i])) for i in range(10)]

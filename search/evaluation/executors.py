@@ -146,10 +146,17 @@ class RayEvaluator(PoolEvaluator):
 
 
 class RayWorker(WorkerState):
-    """The Ray actor body: a WorkerState that can say its process id."""
+    """The Ray actor body: a WorkerState that can say where it runs."""
 
     def pid(self) -> int:
         return os.getpid()
+
+    def where(self) -> dict[str, str]:
+        """Its node, working directory, PYTHONPATH and the file this module was imported from (the shipped code)."""
+        import ray
+
+        return {"node": ray.get_runtime_context().get_node_id(), "cwd": os.getcwd(), "code": __file__,
+                "pythonpath": os.environ.get("PYTHONPATH", "")}
 
 
 def make_evaluator(config: StudyConfig, scorer) -> Evaluator:

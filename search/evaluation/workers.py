@@ -14,9 +14,6 @@ from search.evaluation.engine import make_scoring_backend
 from search.evaluation.evaluator import Evaluator
 from surgery.mask import KeepMask
 
-ROOT = str(Path(__file__).resolve().parents[2])  # the project root: workers import search/, surgery/, objectives/
-
-
 def build_scorer(config: StudyConfig, *, device: str | None = None):
     """The study's MaskScorer: model, calibration batch, objective and reference exactly as ``run`` builds them."""
     from objectives.calibration import mixed_batch
@@ -65,13 +62,29 @@ def ray_options(resources: dict[str, float]) -> dict[str, Any]:
     return options
 
 
+def runtime_env() -> dict[str, Any]:
+    """Ray's ``runtime_env`` for the study's workers: the project's packages, as this process imports them, shipped
+    with ``py_modules`` (Ray's way for clusters), so a worker on any node runs this code whatever its PYTHONPATH,
+    working directory or installed copy."""
+    return {"py_modules": [str(Path(package.__file__).parent) for package in _packages()],
+            "excludes": ["__pycache__", "*.pyc"]}
+
+
+def _packages() -> list:
+    """The project's packages a worker imports (``studies`` holds data only the driver reads)."""
+    import objectives
+    import search
+    import surgery
+
+    return [search, surgery, objectives]
+
+
 def ray_session(address: str | None):
-    """Ray, initialised once: joins ``address`` or starts a small local cluster."""
+    """Ray, initialised once with :func:`runtime_env`: joins ``address`` or starts a small local cluster."""
     import ray
 
     if not ray.is_initialized():
-        runtime_env = {"env_vars": {"PYTHONPATH": os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))}}
         cpus = None if address else max(2, os.cpu_count() or 2)
         ray.init(address=address, num_cpus=cpus, include_dashboard=False, log_to_driver=False,
-                 runtime_env=runtime_env)
+                 runtime_env=runtime_env())
     return ray
