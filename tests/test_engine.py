@@ -12,11 +12,11 @@ from objectives.budgets import sublayer_costs
 from objectives.scorer import MaskScorer
 from search.config import EngineSection
 from search.evaluation.context import SearchContext
-from search.record import StudyRecord
-from search.evaluation.evaluator import Evaluator
 from search.evaluation.engine import PlainBackend, PrefixEngine, Staging, make_scoring_backend, staged_survivors
+from search.evaluation.evaluator import Evaluator
 from surgery.mask import KeepMask
 from tests.families import input_ids
+from tests.strategy_runs import make_context
 
 
 def _masks(num_layers: int, seed: int = 0, count: int = 10) -> list[KeepMask]:
@@ -71,8 +71,7 @@ def test_staged_chunks_are_reused_by_the_full_evaluation(stories, stories_ids):
 
 
 def _context(scorer: MaskScorer, **options) -> SearchContext:
-    return SearchContext(scorer=scorer, costs=sublayer_costs(scorer.model), targets=(0.2,), record=StudyRecord(),
-                         **options)
+    return make_context(None, scorer, sublayer_costs(scorer.model), (0.2,), **options)
 
 
 def _trials(ctx: SearchContext) -> list[tuple[str, float, str]]:

@@ -17,12 +17,10 @@ import yaml
 
 from objectives.budgets import sublayer_costs
 from search.config import load_config
-from search.evaluation.context import SearchContext
-from search.record import StudyRecord
-from search.strategies import STRATEGIES
 from search.evaluation.executors import ProcessEvaluator, RayEvaluator, context_options, split_batch
 from search.evaluation.workers import build_scorer
 from surgery.mask import KeepMask
+from tests.strategy_runs import make_context, run_strategy
 
 ROOT = Path(__file__).resolve().parents[1]
 # A driver on a two-node cluster (ray.cluster_utils: a head and a second node, one CPU each): it imports this
@@ -72,11 +70,9 @@ def config(tmp_path, stories_path, text_path):
 
 
 def _greedy_trials(scorer, evaluator) -> tuple[list[tuple[str, float]], dict]:
-    ctx = SearchContext(scorer=scorer, costs=sublayer_costs(scorer.model), targets=(0.2,), record=StudyRecord(),
-                        evaluator=evaluator)
-    study = ctx.study
-    results = STRATEGIES.get("greedy_finercut")().search(ctx.strategy_run("greedy_finercut"))
-    return [(t.user_attrs["mask"], t.values[0]) for t in study.trials], results
+    ctx = make_context(None, scorer, sublayer_costs(scorer.model), (0.2,), evaluator=evaluator)
+    _, _, results = run_strategy(ctx, "greedy_finercut")
+    return [(t.user_attrs["mask"], t.values[0]) for t in ctx.study.trials], results
 
 
 def test_split_batch_keeps_prefix_order_and_every_mask():
@@ -140,7 +136,7 @@ def test_ray_tune_optuna_search_trials_are_recorded_with_in_process_values(confi
     scorer = build_scorer(config)
     costs = sublayer_costs(scorer.model)
     warm = [KeepMask.parse("AM,AM,AM,A-,A-")]
-    ctx = SearchContext(scorer=scorer, costs=costs, targets=(0.2,), record=StudyRecord())
+    ctx = make_context(None, scorer, costs, (0.2,))
     run = ctx.strategy_run("random")
     working = run.working_study("random:0.2", optuna.samplers.RandomSampler(seed=0), ["minimize"])
     results = tune_sampler(config, budget=TuneBudget(costs, 0.2), sampler=optuna.samplers.RandomSampler(seed=0),
