@@ -5,77 +5,23 @@ from __future__ import annotations
 import functools
 import hashlib
 import re
-import types
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union, get_args, get_origin
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
-from pydantic.fields import FieldInfo
+from pydantic import Field, ValidationError, field_validator
 from search.record import MAIN_STUDY
-from surgery.errors import UserError
+from search.schema import (  # noqa: F401 - the schema's parts, also read from here
+    BATCH_MAX, CACHE_MB_MAX, COUNT_MAX, SEED_MAX, TOKENS_MAX, WORKERS_MAX, ConfigError, Fraction, Section, Seed,
+    format_problems, unbounded_numbers, validation_problems,
+)
 from surgery.files import read_utf8
 
 from surgery.gguf_source import GgufError, is_gguf, read_header
 
 MAX_ALIASES = 32  # YAML aliases allowed in a config: enough to share a few values, too few to expand a bomb
 MAX_NODES = 100_000  # nodes of the document with every alias expanded
-SEED_MAX = 2**32 - 1  # numpy and torch generators take seeds up to this
-# Every number a config holds has a range (``ge``/``gt`` and ``le``/``lt``), checked when the YAML is validated,
-# before anything is written; ``Section`` refuses to define a section with an unbounded number.
-COUNT_MAX = 1_000_000  # sequences, repeats, stage sizes: far beyond any study, short of an allocation that fails
-TOKENS_MAX = 1 << 20  # tokens per sequence (the model's positions are checked once it is read)
-BATCH_MAX = 4096  # sequences per forward pass
-WORKERS_MAX = 1024
-CACHE_MB_MAX = 1 << 20  # 1 TiB of prefix states
-Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
-Seed = Annotated[int, Field(ge=0, le=SEED_MAX)]
-
-
-class ConfigError(UserError):
-    """A config that cannot be used; the message lists every problem (file, key, value)."""
-
-
-def unbounded_numbers(model: type[BaseModel], prefix: str = "") -> list[str]:
-    """Keys of the numbers in ``model`` (nested sections, list items and mapping values too) that lack a lower or
-    an upper bound."""
-    found = []
-    for name, field in model.model_fields.items():
-        found += _unbounded(field.annotation, list(field.metadata), prefix + name)
-    return found
-
-
-def _unbounded(annotation, metadata: list, key: str) -> list[str]:
-    origin, args = get_origin(annotation), get_args(annotation)
-    if origin is Annotated:
-        extra = [m for a in args[1:] for m in (a.metadata if isinstance(a, FieldInfo) else [a])]
-        return _unbounded(args[0], metadata + extra, key)
-    if origin in (Union, types.UnionType):
-        return sorted({k for a in args if a is not type(None) for k in _unbounded(a, metadata, key)})
-    if origin in (list, dict, tuple):
-        return _unbounded(args[-1], [], f"{key}.*") if args else []
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return unbounded_numbers(annotation, f"{key}.")
-    if annotation in (int, float):
-        kinds = {type(m).__name__ for m in metadata}
-        return [] if kinds & {"Ge", "Gt"} and kinds & {"Le", "Lt"} else [key]
-    return []
-
-
-class Section(BaseModel):
-    """A config section: unknown keys and non-finite numbers refused, every number bounded."""
-
-    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
-
-    @classmethod
-    def __pydantic_init_subclass__(cls, **kwargs):
-        super().__pydantic_init_subclass__(**kwargs)
-        missing = unbounded_numbers(cls)
-        if missing:
-            raise TypeError(f"{cls.__name__}: numbers without a range: {', '.join(missing)}")
-
-
 
 
 def _no_nul(value):
@@ -191,7 +137,7 @@ class StudyConfig(Section):
     # storage: studies sharing one storage need different names
     executor: ExecutorSection = Field(default_factory=ExecutorSection)
     engine: EngineSection = Field(default_factory=EngineSection)
-    confirm: dict[str, Any] = Field(default_factory=dict)  # validated by search.commands.confirm
+    confirm: dict[str, Any] = Field(default_factory=dict)  # validated by search.confirm_settings
     latency: dict[str, Any] = Field(default_factory=dict)  # validated by objectives.latency
     seed: Seed = 0
     output_dir: str = "runs/study"
@@ -199,24 +145,6 @@ class StudyConfig(Section):
     _paths = field_validator("storage", "output_dir")(_no_nul)
 
     source: Path | None = Field(None, exclude=True)  # the YAML file this came from
-
-
-def format_problems(path: Path | str | None, problems: list[str]) -> str:
-    """One message for many problems: ``FILE: N problem(s)`` then one indented ``key: what (got value)`` each (a
-    problem two checks found is listed once)."""
-    problems = list(dict.fromkeys(problems))
-    return "\n".join([f"{path or '(config)'}: {len(problems)} problem(s)", *(f"  {p}" for p in problems)])
-
-
-def validation_problems(error: ValidationError, prefix: tuple[str, ...] = ()) -> list[str]:
-    """One ``key: what (got value)`` line per pydantic error; ``prefix`` names the enclosing section."""
-    problems = []
-    for item in error.errors():
-        key = ".".join(str(p) for p in (*prefix, *item["loc"])) or "(top level)"
-        value = item.get("input")
-        shown = "" if isinstance(value, dict) else f" (got {value!r})"
-        problems.append(f"{key}: {item['msg']}{shown}")
-    return problems
 
 
 class _BoundedLoader(yaml.SafeLoader):
@@ -508,7 +436,7 @@ def _check_sections(config: StudyConfig) -> list[str]:
     except LatencyError as error:
         problems.append(str(error))
     if config.confirm:
-        from search.commands.confirm import confirm_settings
+        from search.confirm_settings import confirm_settings
 
         try:
             confirm_settings(config)
@@ -556,12 +484,3 @@ def check_config(config: StudyConfig) -> None:
 def storage_url(storage: str | None, study_dir: Path | str) -> str:
     """The study's Optuna storage: the configured URL, else an SQLite file in the study directory."""
     return storage or f"sqlite:///{Path(study_dir) / 'study.db'}"
-
-
-def open_storage(url: str):
-    """An Optuna storage for ``url``; a plain path ending ``.log`` is a journal file (many processes)."""
-    if url.endswith(".log") and "://" not in url:
-        from optuna.storages.journal import JournalFileBackend, JournalStorage
-
-        return JournalStorage(JournalFileBackend(url))
-    return url

@@ -357,6 +357,15 @@ def storage_exists(url: str) -> bool:
     return True
 
 
+def open_storage(url: str):
+    """An Optuna storage for ``url``; a plain path ending ``.log`` is a journal file (many processes)."""
+    if url.endswith(".log") and "://" not in url:
+        from optuna.storages.journal import JournalFileBackend, JournalStorage
+
+        return JournalStorage(JournalFileBackend(url))
+    return url
+
+
 def open_record(url: str, *, create: bool = True, name: str = MAIN_STUDY) -> StudyRecord | None:
     """The main study ``name`` in ``url`` (created when ``create``; else None when absent, creating nothing); a
     storage that cannot be reached or read is one :class:`StudyStorageError` naming it."""
@@ -380,7 +389,6 @@ def open_record(url: str, *, create: bool = True, name: str = MAIN_STUDY) -> Stu
 
 def _first_open(url: str, create: bool, name: str) -> StudyRecord:
     """``StudyRecord`` of ``url``; a database server's tables created by two runs at once clash once: retried."""
-    from search.config import open_storage
     from sqlalchemy.exc import IntegrityError, ProgrammingError
 
     for attempt in range(3):

@@ -10,7 +10,7 @@ import yaml
 from objectives.calibration import interleave, token_batch
 from search.commands.confirm import corpus_sources
 from search.config import load_config, text_source
-from search.evaluation.executors import build_scorer
+from search.evaluation.workers import build_scorer
 from search.study import main as study_main
 from surgery.load import load_tokenizer
 from surgery.mask import KeepMask

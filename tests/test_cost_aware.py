@@ -6,7 +6,7 @@ import pytest
 
 from surgery.mask import KeepMask
 
-from .test_strategies import make_context, make_scorer, run_strategy
+from .strategy_runs import make_context, make_scorer, run_strategy
 
 
 @pytest.fixture(scope="module")

@@ -12,10 +12,11 @@ from objectives.budgets import sublayer_costs
 from objectives.scorer import MaskScorer
 from search.config import EngineSection
 from search.evaluation.context import SearchContext
-from search.record import StudyRecord
 from search.evaluation.engine import PlainBackend, PrefixEngine, Staging, make_scoring_backend, staged_survivors
+from search.evaluation.evaluator import Evaluator
 from surgery.mask import KeepMask
 from tests.families import input_ids
+from tests.strategy_runs import make_context
 
 
 def _masks(num_layers: int, seed: int = 0, count: int = 10) -> list[KeepMask]:
@@ -70,8 +71,7 @@ def test_staged_chunks_are_reused_by_the_full_evaluation(stories, stories_ids):
 
 
 def _context(scorer: MaskScorer, **options) -> SearchContext:
-    return SearchContext(scorer=scorer, costs=sublayer_costs(scorer.model), targets=(0.2,), record=StudyRecord(),
-                         **options)
+    return make_context(None, scorer, sublayer_costs(scorer.model), (0.2,), **options)
 
 
 def _trials(ctx: SearchContext) -> list[tuple[str, float, str]]:
@@ -139,6 +139,23 @@ def test_racing_finds_the_plain_best_with_less_work(stories, stories_ids, object
     assert run.evaluate_many(candidates) == raced
     assert run.forwards < 4 * len(candidates)  # sequences forwarded (head passes), fewer than the plain loop's
     assert len(ctx.study.trials) == sum(map(math.isfinite, raced))
+
+
+def test_the_plain_loop_is_an_evaluator_that_does_not_race(stories, stories_ids):
+    scorer = MaskScorer(stories[0], stories_ids, "js", batch_size=2)
+    parent = KeepMask.parse("AM,A-,AM,AM,AM")
+    candidates = [parent.without(i) for i in parent.kept]
+    plain, engine = PlainBackend(scorer), PrefixEngine(scorer)
+    assert isinstance(plain, Evaluator) and isinstance(engine, Evaluator)
+    assert (plain.races, engine.races) == (False, True)
+    assert plain.race(candidates) == [scorer.score(m) for m in candidates]  # every mask finished
+    ctx = _context(scorer, evaluator=plain, racing=True)  # racing asked for: the plain path, every mask recorded
+    run = ctx.strategy_run("greedy_finercut", selection_only=True)
+    assert run.evaluate_many(candidates) == plain.race(candidates)
+    assert len(ctx.study.trials) == len(candidates) and run.forwards == 4 * len(candidates)
+    plain.close()
+    with pytest.raises(TypeError, match="abstract"):
+        Evaluator()
 
 
 def test_engine_section_defaults_are_exact():

@@ -10,7 +10,7 @@ import pytest
 
 from search.record import PENALTY
 from surgery.cli import Interrupted
-from tests.test_strategies import make_context, make_scorer, run_strategy
+from tests.strategy_runs import make_context, make_scorer, run_strategy
 
 SETTINGS = {
     "tpe": {"n_trials": 9, "n_startup_trials": 3, "warm_start": 2, "seed": 0},

@@ -10,14 +10,13 @@ import torch
 from objectives.budgets import BUDGETS
 from objectives.calibration import BatchSpec, TextSource, token_batch
 from objectives.scorer import MaskScorer
-from search.evaluation.context import SearchContext
-from search.record import StudyRecord
 from search.strategies import STRATEGIES, StrategySettingsError
 from search.strategies.learned import HardConcrete, LearnedMasks, budget_shift, round_to_budget
 from surgery.gates import SublayerGates, frozen, mask_values
 from surgery.load import load_model
 from surgery.mask import KeepMask
 from surgery.masking import masked, masker_for
+from tests.strategy_runs import make_context, run_strategy
 
 ASSETS = Path(__file__).resolve().parents[1] / "studies" / "assets"
 TARGETS = (0.1, 0.3, 0.5)
@@ -39,9 +38,10 @@ def scorer(loaded):
     return MaskScorer(model, ids, "kl", batch_size=4)
 
 
-def make_context(scorer, tmp_path, name="s") -> SearchContext:
-    storage = f"sqlite:///{tmp_path / (name + '.db')}"
-    return SearchContext(scorer, BUDGETS.get("params")(scorer.model), TARGETS, StudyRecord(storage), seed=0)
+@pytest.fixture
+def ctx(scorer, tmp_path):
+    """A study of the learned gates in an SQLite file, at the budget targets ``TARGETS``."""
+    return make_context(tmp_path, scorer, BUDGETS.get("params")(scorer.model), TARGETS)
 
 
 def logits(model, ids):
@@ -128,8 +128,7 @@ def test_budget_shift_holds_expected_cost_on_the_limit(fraction):
     assert float(budget_shift(gates, costs, 5.0, 5.0 + float(costs.sum()) + 1)) == 30.0  # no pressure
 
 
-def test_rounding_keeps_by_score_within_budget(scorer, tmp_path):
-    ctx = make_context(scorer, tmp_path)
+def test_rounding_keeps_by_score_within_budget(ctx):
     scores = [float(10 - i) for i in range(10)]  # prefer early sublayers
     for target in TARGETS:
         mask = round_to_budget(scores, ctx.budget, target)
@@ -139,10 +138,8 @@ def test_rounding_keeps_by_score_within_budget(scorer, tmp_path):
     assert round_to_budget(scores, ctx.budget, 0.1).bits[:8] == (True,) * 8
 
 
-def test_trained_masks_meet_every_budget_and_are_recorded(scorer, tmp_path):
-    ctx = make_context(scorer, tmp_path)
-    run = ctx.strategy_run("learned")
-    result = STRATEGIES.get("learned")(**FAST).search(run)
+def test_trained_masks_meet_every_budget_and_are_recorded(ctx, scorer):
+    _, run, result = run_strategy(ctx, "learned", **FAST)
     assert len(ctx.study.get_trials()) <= LearnedMasks().candidates * len(TARGETS)
     assert set(result) == set(TARGETS)
     for target, mask in result.items():
@@ -159,15 +156,13 @@ def test_trained_masks_meet_every_budget_and_are_recorded(scorer, tmp_path):
     assert all(p.requires_grad for p in scorer.model.parameters())  # weights' flags restored
 
 
-def test_expected_cost_reaches_the_target(scorer, tmp_path):
-    ctx = make_context(scorer, tmp_path)
+def test_expected_cost_reaches_the_target(ctx):
     for target in (0.1, 0.5):
         trained = LearnedMasks(**FAST).train(ctx.strategy_run("learned"), target, seed=0)
         assert abs(trained.expected_removed - target) < 0.005
 
 
-def test_deterministic_with_seed(scorer, tmp_path):
-    ctx = make_context(scorer, tmp_path)
+def test_deterministic_with_seed(ctx):
     strategy = LearnedMasks(**FAST, seed=3)
     first = strategy.train(ctx.strategy_run("learned"), 0.3, seed=3)
     second = strategy.train(ctx.strategy_run("learned"), 0.3, seed=3)

@@ -11,38 +11,16 @@ import itertools
 import optuna
 import pytest
 
-from objectives.budgets import BUDGETS
 from objectives.calibration import BatchSpec, TextSource, token_batch
 from objectives.proxy import angular_distances, block_influence
-from objectives.scorer import MaskScorer
-from search.evaluation.context import SearchContext
-from search.record import StudyRecord
 from search.strategies import STRATEGIES, StrategySettingsError
 from surgery.mask import KeepMask
-from surgery.masking import masker_for
+from tests.strategy_runs import make_context, make_scorer, run_strategy
 
 OWN = ("greedy_finercut", "blockpruner", "sleb", "gromov", "shortgpt", "shortened_llama", "evolutionary",
        "tpe", "random", "nsga2", "exhaustive")
 CHEAP = {"evolutionary": {"generations": 2, "offspring": 4}, "tpe": {"n_trials": 3}, "random": {"n_trials": 3},
          "nsga2": {"n_trials": 3, "population_size": 2}}
-
-
-def make_scorer(stories, ids, objective="kl"):
-    model, _ = stories
-    masker_for(model).restore()
-    costs = BUDGETS.get("params")(model)  # built on the dense model
-    return MaskScorer(model, ids, objective), costs
-
-
-def make_context(tmp_path, scorer, costs, targets, *, name="depthsearch", seed=0) -> SearchContext:
-    record = StudyRecord(f"sqlite:///{tmp_path}/s.db", name=name)
-    return SearchContext(scorer=scorer, costs=costs, targets=tuple(targets), record=record, seed=seed)
-
-
-def run_strategy(ctx, name, **settings):
-    strategy = STRATEGIES.get(name)(**settings)
-    run = ctx.strategy_run(name)
-    return strategy, run, strategy.search(run)
 
 
 def brute_force(scorer, costs, targets):
@@ -167,7 +145,7 @@ def test_optuna_working_study_resumes(tmp_path, scored):
     scorer, costs = scored
     ctx = make_context(tmp_path, scorer, costs, (0.7,))
     run_strategy(ctx, "random", n_trials=4)
-    working = optuna.load_study(study_name="depthsearch:random:0.7", storage=f"sqlite:///{tmp_path}/s.db")
+    working = optuna.load_study(study_name="depthsearch:random:0.7", storage=ctx.record.storage)
     assert len(working.trials) == 4
     _, run, _ = run_strategy(make_context(tmp_path, scorer, costs, (0.7,)), "random", n_trials=6)
     assert len(working.trials) == 6  # two more, not six

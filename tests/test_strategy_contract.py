@@ -10,6 +10,7 @@ declare ``selection_only`` find the same masks with exact racing.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,13 +19,12 @@ import pytest
 from objectives.budgets import BUDGETS
 from objectives.proxy import OBJECTIVES
 from objectives.scorer import MaskScorer
-from search.config import open_storage
-from search.evaluation.context import SearchContext, StrategyRun
+from search.evaluation.context import StrategyRun
 from search.evaluation.engine import PrefixEngine
-from search.record import StudyRecord
 from search.strategies import STRATEGIES, Strategy, StrategySettingsError
 from surgery.mask import KeepMask
 from surgery.masking import masker_for
+from tests.strategy_runs import make_context, run_strategy
 
 NAMES = STRATEGIES.names()
 SETTINGS = {  # small settings for the costly strategies; any other strategy runs with its defaults
@@ -67,16 +67,13 @@ def scored(stories, stories_ids):
     return RecordingScorer(model, stories_ids, "kl"), BUDGETS.get("params")(model)
 
 
-def run_strategy(scored, storage: Path, name: str, tag: str | None = None, **context) -> Outcome:
+def observe(scored, storage: Path, name: str, tag: str | None = None, **context) -> Outcome:
     """One run of strategy ``name`` (recorded under ``tag``, default the name) on the study in the journal file
     ``storage`` (created or resumed); ``context``: SearchContext options."""
     scorer, costs = scored
-    ctx = SearchContext(scorer=scorer, costs=costs, targets=TARGETS, record=StudyRecord(open_storage(str(storage))),
-                        seed=SEED, **context)
-    strategy = STRATEGIES.get(name).from_settings(dict(SETTINGS.get(name, {})))
-    run = ctx.strategy_run(tag or name, selection_only=strategy.selection_only)
+    ctx = make_context(storage, scorer, costs, TARGETS, seed=SEED, **context)
     scorer.full.clear()
-    results = strategy.search(run)
+    strategy, run, results = run_strategy(ctx, name, tag=tag, **SETTINGS.get(name, {}))
     trials = [(t.user_attrs["mask"], t.values[0]) for t in ctx.study.get_trials() if t.user_attrs["strategy"] == run.strategy]
     return Outcome(strategy, run, results, list(scorer.full), trials)
 
@@ -85,17 +82,26 @@ def run_strategy(scored, storage: Path, name: str, tag: str | None = None, **con
 def first(request, scored, tmp_path_factory) -> tuple[str, Path, Outcome]:
     """Each registered strategy's first run: (name, its study's journal file, outcome)."""
     storage = tmp_path_factory.mktemp(request.param) / "study.log"
-    return request.param, storage, run_strategy(scored, storage, request.param)
+    return request.param, storage, observe(scored, storage, request.param)
 
 
 def test_declarations(first):
     name, _, outcome = first
     cls = type(outcome.strategy)
-    assert issubclass(cls, Strategy) and cls.name == name
+    assert issubclass(cls, Strategy) and cls.name == name and not inspect.isabstract(cls)
+    assert inspect.signature(cls.search).parameters["run"].annotation == "StrategyRun"
     assert isinstance(cls.selection_only, bool) and isinstance(cls.seed_method, bool)
     assert cls.own_objective is None or cls.own_objective in OBJECTIVES
     with pytest.raises(StrategySettingsError, match=rf"'{name}'.*no_such_setting"):
         cls.from_settings({"no_such_setting": 1})
+
+
+def test_a_strategy_without_search_cannot_be_made():
+    class Nothing(Strategy):
+        pass
+
+    with pytest.raises(TypeError, match="abstract"):
+        Nothing()
 
 
 def test_every_result_meets_its_budget(first, scored):
@@ -124,14 +130,14 @@ def test_every_evaluated_mask_is_a_recorded_trial(first):
 
 def test_same_seed_same_results(first, scored, tmp_path):
     name, _, outcome = first
-    again = run_strategy(scored, tmp_path / "other.log", name)  # a fresh study, the same seed
+    again = observe(scored, tmp_path / "other.log", name)  # a fresh study, the same seed
     assert again.results == outcome.results, name
     assert again.trials == outcome.trials, name
 
 
 def test_rerun_evaluates_nothing_again(first, scored):
     name, storage, outcome = first
-    again = run_strategy(scored, storage, name)  # the same study, resumed
+    again = observe(scored, storage, name)  # the same study, resumed
     assert again.scored == [], name
     assert again.results == outcome.results, name
     assert again.trials == outcome.trials, name
@@ -140,8 +146,8 @@ def test_rerun_evaluates_nothing_again(first, scored):
 @pytest.mark.parametrize("name", [n for n in NAMES if STRATEGIES.get(n).selection_only])
 def test_selection_only_strategies_keep_their_results_under_racing(name, scored, tmp_path):
     scorer, _ = scored
-    plain = run_strategy(scored, tmp_path / "plain.log", name)
-    raced = run_strategy(scored, tmp_path / "raced.log", name, tag=f"{name}-label", evaluator=PrefixEngine(scorer),
+    plain = observe(scored, tmp_path / "plain.log", name)
+    raced = observe(scored, tmp_path / "raced.log", name, tag=f"{name}-label", evaluator=PrefixEngine(scorer),
                          racing=True)
     assert raced.run.selection_only  # declared by the class, whatever the label
     assert raced.results == plain.results, name

@@ -17,7 +17,7 @@ import yaml
 
 from search.config import load_config
 from search.study import main as study_main
-from search.evaluation.executors import build_scorer
+from search.evaluation.workers import build_scorer
 from search.record import PENALTY, planned_mask
 from surgery.mask import KeepMask
 

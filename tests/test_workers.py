@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 
 import optuna
 import pytest
@@ -13,11 +17,37 @@ import yaml
 
 from objectives.budgets import sublayer_costs
 from search.config import load_config
-from search.evaluation.context import SearchContext
-from search.record import StudyRecord
-from search.strategies import STRATEGIES
-from search.evaluation.executors import ProcessEvaluator, RayEvaluator, build_scorer, context_options, split_batch
+from search.evaluation.executors import ProcessEvaluator, RayEvaluator, context_options, split_batch
+from search.evaluation.workers import build_scorer
 from surgery.mask import KeepMask
+from tests.strategy_runs import make_context, run_strategy
+
+ROOT = Path(__file__).resolve().parents[1]
+# A driver on a two-node cluster (ray.cluster_utils: a head and a second node, one CPU each): it imports this
+# checkout through sys.path only, so its workers can import the project only from what Ray ships them.
+CLUSTER_DRIVER = """
+import json, sys
+sys.path.insert(0, sys.argv[1])
+import ray
+from ray.cluster_utils import Cluster
+from search.config import load_config
+from search.evaluation.executors import RayEvaluator
+from surgery.mask import KeepMask
+
+cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+cluster.add_node(num_cpus=1)
+cluster.wait_for_nodes()
+pool = RayEvaluator(load_config(sys.argv[2]), workers=2, address=cluster.address, resources={"CPU": 1})
+try:
+    values = pool.score_many([KeepMask.from_removed(5, [i]) for i in range(10)])
+    where = ray.get([actor.where.remote() for actor in pool.actors])
+    nodes = sorted(node["NodeID"] for node in ray.nodes() if node["Alive"])
+finally:
+    pool.close()
+    ray.shutdown()
+    cluster.shutdown()
+print(json.dumps({"values": values, "where": where, "nodes": nodes}))
+"""
 
 
 @pytest.fixture
@@ -40,11 +70,9 @@ def config(tmp_path, stories_path, text_path):
 
 
 def _greedy_trials(scorer, evaluator) -> tuple[list[tuple[str, float]], dict]:
-    ctx = SearchContext(scorer=scorer, costs=sublayer_costs(scorer.model), targets=(0.2,), record=StudyRecord(),
-                        evaluator=evaluator)
-    study = ctx.study
-    results = STRATEGIES.get("greedy_finercut")().search(ctx.strategy_run("greedy_finercut"))
-    return [(t.user_attrs["mask"], t.values[0]) for t in study.trials], results
+    ctx = make_context(None, scorer, sublayer_costs(scorer.model), (0.2,), evaluator=evaluator)
+    _, _, results = run_strategy(ctx, "greedy_finercut")
+    return [(t.user_attrs["mask"], t.values[0]) for t in ctx.study.trials], results
 
 
 def test_split_batch_keeps_prefix_order_and_every_mask():
@@ -108,7 +136,7 @@ def test_ray_tune_optuna_search_trials_are_recorded_with_in_process_values(confi
     scorer = build_scorer(config)
     costs = sublayer_costs(scorer.model)
     warm = [KeepMask.parse("AM,AM,AM,A-,A-")]
-    ctx = SearchContext(scorer=scorer, costs=costs, targets=(0.2,), record=StudyRecord())
+    ctx = make_context(None, scorer, costs, (0.2,))
     run = ctx.strategy_run("random")
     working = run.working_study("random:0.2", optuna.samplers.RandomSampler(seed=0), ["minimize"])
     results = tune_sampler(config, budget=TuneBudget(costs, 0.2), sampler=optuna.samplers.RandomSampler(seed=0),
@@ -124,3 +152,22 @@ def test_ray_tune_optuna_search_trials_are_recorded_with_in_process_values(confi
     assert record_working_trials(run, working, lambda mask: 0.2) == []  # recorded once
     for mask, value in finished:
         assert value == scorer.score(mask)
+
+
+@pytest.mark.slow
+def test_ray_workers_on_two_nodes_run_the_code_ray_ships_them(config, tmp_path):
+    """Nodes started with no PYTHONPATH in another directory: each worker imports the project from Ray's
+    runtime_env (py_modules), not from the checkout or an installed copy, and scores the in-process values."""
+    env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+    away = tmp_path / "elsewhere"
+    away.mkdir()
+    out = subprocess.run([sys.executable, "-c", CLUSTER_DRIVER, str(ROOT), str(config.source)], cwd=away, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-4000:]
+    found = json.loads(out.stdout.strip().splitlines()[-1])
+    assert len(found["nodes"]) == 2 and sorted(w["node"] for w in found["where"]) == found["nodes"]  # one per node
+    for where in found["where"]:
+        assert "runtime_resources" in where["code"] and not where["code"].startswith(str(ROOT)), where
+        assert Path(where["cwd"]) != ROOT and str(ROOT) not in where["pythonpath"].split(os.pathsep), where
+    scorer = build_scorer(config)
+    assert found["values"] == [scorer.score(KeepMask.from_removed(5, [i])) for i in range(10)]

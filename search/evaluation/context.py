@@ -14,15 +14,19 @@ import math
 import time
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any, Iterable
+from typing import TYPE_CHECKING, Iterable
 
 import optuna
 
 from objectives.budgets import CostTable, budget_excess
 from objectives.scorer import MaskScorer
-from search.evaluation.engine import staged_survivors
+from search.evaluation.engine import Staging, staged_survivors
+from search.evaluation.evaluator import Evaluator
 from search.record import StudyRecord
 from surgery.mask import KeepMask
+
+if TYPE_CHECKING:
+    from search.evaluation.tune import TuneRunner
 
 
 @dataclass(frozen=True)
@@ -53,12 +57,12 @@ class SearchContext:
     seed: int = 0
     extra_costs: tuple[CostTable, ...] = ()  # other metrics recorded on every trial
     constraints: tuple[tuple[CostTable, float], ...] = ()  # (metric, max fraction of dense kept) for all masks
-    evaluator: Any = None  # batch scorer: score_many(masks, sequences) (engine, executors); None: plain
-    staging: Any = None  # engine.Staging: staged selection in evaluate_many (None: exact, the default)
+    evaluator: Evaluator | None = None  # batch scorer (engine, executors); None: the scorer's plain loop
+    staging: Staging | None = None  # staged selection in evaluate_many (None: exact, the default)
     racing: bool = False  # exact racing in evaluate_many: masks proven worse than the best are not finished
     select_strategies: tuple[str, ...] | None = None  # override of the tags staging/racing apply to (empty: all;
     # None: the strategies whose class declares ``selection_only``)
-    tune: Any = None  # executor ray: an Optuna sampler's trials as Ray Tune trials (search.evaluation.tune.TuneRunner)
+    tune: TuneRunner | None = None  # executor ray: an Optuna sampler's trials as Ray Tune trials
     values: dict[str, float] = field(default_factory=dict)  # mask text -> full objective value
     recorded: dict[str, set[str]] = field(default_factory=dict)  # strategy -> masks it has trials for
 
@@ -173,7 +177,7 @@ class StrategyRun:
 
     def tune_trials(self, study: optuna.Study, **options) -> None:
         """Run a sampler's remaining trials as Ray Tune trials (``search.evaluation.tune.TuneRunner``)."""
-        self.ctx.tune(self, study, **options)
+        self.ctx.tune(self, study, storage=self.ctx.record.storage, **options)
 
     def has_recorded(self, mask: KeepMask) -> bool:
         """Whether this strategy already recorded ``mask`` as a trial of the main study (this run or an earlier one)."""
@@ -205,9 +209,9 @@ class StrategyRun:
         if self.ctx.staging is not None and len(fresh) > self.ctx.staging.keep:
             scores = self.partial_many(fresh, self.ctx.staging.sequences)
             best = {fresh[i] for i in staged_survivors(scores, self.ctx.staging.keep)}
-        elif self.ctx.racing and hasattr(self.ctx.evaluator, "race"):
+        elif self.ctx.racing and self.ctx.evaluator is not None and self.ctx.evaluator.races:
             known = [self.ctx.values[str(m)] for m in distinct if m not in fresh]
-            raced = self._counted(lambda: self.ctx.evaluator.race(fresh, min(known, default=math.inf)), len(fresh))
+            raced = self._counted(lambda: self.ctx.evaluator.race(fresh, min(known, default=math.inf)))
             self.ctx.values.update((str(m), v) for m, v in zip(fresh, raced) if math.isfinite(v))
             best = {m for m, v in zip(fresh, raced) if math.isfinite(v)}
         else:
@@ -229,7 +233,7 @@ class StrategyRun:
         if self.ctx.evaluator is None:
             self.forwards += sequences * len(masks)
             return [self.ctx.scorer.score(mask, sequences=sequences) for mask in masks]
-        return self._counted(lambda: self.ctx.evaluator.score_many(masks, sequences), sequences * len(masks))
+        return self._counted(lambda: self.ctx.evaluator.score_many(masks, sequences))
 
     def _selects(self) -> bool:
         chosen = self.ctx.select_strategies
@@ -237,12 +241,12 @@ class StrategyRun:
             return self.selection_only
         return not chosen or self.strategy in chosen
 
-    def _counted(self, score, nominal: int) -> list[float]:
-        """Run an evaluator call, counting the sequences it really forwarded (``nominal`` if it cannot say)."""
-        counters = getattr(self.ctx.evaluator, "counters", None)
-        before = counters.head_forwards if counters else 0
+    def _counted(self, score) -> list[float]:
+        """Run an evaluator call, counting the sequences it really forwarded."""
+        counters = self.ctx.evaluator.counters
+        before = counters.head_forwards
         values = score()
-        self.forwards += counters.head_forwards - before if counters else nominal
+        self.forwards += counters.head_forwards - before
         return values
 
     def _full(self, masks: list[KeepMask], target: float | None) -> list[float]:
@@ -252,8 +256,7 @@ class StrategyRun:
             values = [self.ctx.scorer.score(mask) for mask in missing]
             self.forwards += len(self.ctx.scorer.input_ids) * len(missing)
         elif missing:
-            nominal = len(self.ctx.scorer.input_ids) * len(missing)
-            values = self._counted(lambda: self.ctx.evaluator.score_many(missing), nominal)
+            values = self._counted(lambda: self.ctx.evaluator.score_many(missing))
         self.ctx.values.update((str(m), v) for m, v in zip(missing, values if missing else ()))
         result = []
         for mask in masks:

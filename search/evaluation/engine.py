@@ -24,12 +24,13 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
 
 from objectives.scorer import MaskScorer
+from search.evaluation.evaluator import EngineCounters, Evaluator  # noqa: F401 - EngineCounters: read from here too
 from surgery.errors import UserError
 from surgery.families import get_path
 from surgery.mask import ATTN, FFN, KeepMask
@@ -69,14 +70,6 @@ class _Chunk:
         return self.start, len(self.ids)
 
 
-@dataclass
-class EngineCounters:
-    sublayer_forwards: int = 0  # kept sublayers computed x sequences
-    head_forwards: int = 0  # final norm + head + objective, x sequences
-    captures: int = 0  # dense forwards spent capturing layer arguments
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
 class StateCache:
     """Residual-stream states keyed by (micro-batch, mask bits before the boundary); LRU within ``limit_bytes``."""
 
@@ -105,12 +98,12 @@ class StateCache:
         return state
 
 
-class PlainBackend:
+class PlainBackend(Evaluator):
     """The plain loop: one full forward of the masked model per mask (``MaskScorer.score``)."""
 
     def __init__(self, scorer: MaskScorer):
+        super().__init__()
         self.scorer = scorer
-        self.counters = EngineCounters()
 
     def score_many(self, masks: Sequence[KeepMask], sequences: int | None = None) -> list[float]:
         count = _count(self.scorer, sequences)
@@ -122,10 +115,13 @@ class PlainBackend:
         return values
 
 
-class PrefixEngine:
+class PrefixEngine(Evaluator):
     """Scores batches of masks with prefix reuse; same numbers as :class:`MaskScorer` (see module doc)."""
 
+    races = True
+
     def __init__(self, scorer: MaskScorer, *, state_cache_mb: float = DEFAULT_STATE_CACHE_MB):
+        super().__init__()
         self.scorer = scorer
         self.cache = StateCache(int(state_cache_mb * 2**20))
         self.model = scorer.model
@@ -135,7 +131,6 @@ class PrefixEngine:
         self.norm = get_path(self.model, self.masker.family.final_norm)
         self.head = self.model.get_output_embeddings()
         self.softcap = getattr(self.model.config, "final_logit_softcapping", None)
-        self.counters = EngineCounters()
         self._chunks: dict[tuple[int, int], _Chunk] = {}
         self._memo: dict[tuple[tuple[bool, ...], int, int], float] = {}
 

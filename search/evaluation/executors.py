@@ -14,67 +14,24 @@ Ray is imported only when a Ray executor is built.
 from __future__ import annotations
 
 import os
+from abc import abstractmethod
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
 from multiprocessing import get_context
-from pathlib import Path
-from typing import Any, Callable, Sequence
-
-import torch
+from typing import Any, Sequence
 
 from search.config import StudyConfig
-from search.evaluation.engine import EngineCounters, Staging, make_scoring_backend
+from search.evaluation.engine import Staging
+from search.evaluation.evaluator import Evaluator
+from search.evaluation.workers import WorkerState, ray_options, ray_session, scoring_backend
 from surgery.mask import KeepMask
 from surgery.errors import UserError
-
-
-ROOT = str(Path(__file__).resolve().parents[2])  # the project root: workers import search/, surgery/, objectives/ from here
 
 
 class ExecutorError(UserError):
     """An executor setting that cannot be used (the message names the key)."""
 
 
-# worker side -------------------------------------------------------------------------------------------------
-def build_scorer(config: StudyConfig, *, device: str | None = None):
-    """The study's MaskScorer: model, calibration batch, objective and reference exactly as ``run`` builds them."""
-    from objectives.calibration import mixed_batch
-    from objectives.scorer import MaskScorer
-    from search.config import calibration_specs, model_source
-    from surgery.load import load_model
-
-    name, _ = model_source(config)
-    model, tokenizer = load_model(name, dtype=config.model.dtype, device=device or config.model.device,
-                                  trust_remote_code=config.model.trust_remote_code)
-    ids = mixed_batch(calibration_specs(config), tokenizer)
-    torch.manual_seed(config.seed)
-    return MaskScorer(model, ids, config.objective, batch_size=config.reference.batch_size,
-                      topk=config.reference.topk)
-
-
-def scoring_backend(config: StudyConfig, scorer):
-    """The backend that scores masks in one process (in process or in a worker), per the config's ``engine``."""
-    return make_scoring_backend(scorer, prefix_reuse=config.engine.prefix_reuse,
-                                state_cache_mb=config.engine.state_cache_mb)
-
-
-class WorkerState:
-    """What one worker process holds: the scorer and its backend, built once."""
-
-    def __init__(self, config: StudyConfig, threads: int | None = None):
-        if threads:
-            torch.set_num_threads(threads)
-        self.scorer = build_scorer(config)
-        self.backend = scoring_backend(config, self.scorer)
-
-    def score(self, masks: Sequence[str], sequences: int | None) -> tuple[list[float], int, int]:
-        """(values, sublayer forwards, head forwards) for masks given as text."""
-        counters = self.backend.counters
-        before = counters.sublayer_forwards, counters.head_forwards
-        values = self.backend.score_many([KeepMask.parse(m) for m in masks], sequences)
-        return values, counters.sublayer_forwards - before[0], counters.head_forwards - before[1]
-
-
+# process pool workers ----------------------------------------------------------------------------------------
 _STATE: WorkerState | None = None  # one per process pool worker
 
 
@@ -101,18 +58,20 @@ def split_batch(masks: Sequence[KeepMask], parts: int) -> list[list[KeepMask]]:
     return [run for run in runs if run]
 
 
-class PoolEvaluator:
+class PoolEvaluator(Evaluator):
     """Fans ``score_many`` out over workers; subclasses say how a run of masks reaches a worker."""
 
     def __init__(self, workers: int):
+        super().__init__()
         self.workers = workers
-        self.counters = EngineCounters()
 
+    @abstractmethod
     def submit(self, index: int, masks: list[str], sequences: int | None) -> Any:
-        raise NotImplementedError
+        """Send a run of masks (as text) to worker ``index``; a handle for :meth:`gather`."""
 
+    @abstractmethod
     def gather(self, handles: list[Any]) -> list[tuple[list[float], int, int]]:
-        raise NotImplementedError
+        """(values, sublayer forwards, head forwards) of each handle's run."""
 
     def score_many(self, masks: Sequence[KeepMask], sequences: int | None = None) -> list[float]:
         runs = split_batch(masks, self.workers)
@@ -124,8 +83,6 @@ class PoolEvaluator:
             self.counters.head_forwards += heads
         return [values[m] for m in masks]
 
-    def close(self) -> None:
-        """Release the workers."""
 
 
 class ProcessEvaluator(PoolEvaluator):
@@ -189,34 +146,20 @@ class RayEvaluator(PoolEvaluator):
 
 
 class RayWorker(WorkerState):
-    """The Ray actor body: a WorkerState that can say its process id."""
+    """The Ray actor body: a WorkerState that can say where it runs."""
 
     def pid(self) -> int:
         return os.getpid()
 
+    def where(self) -> dict[str, str]:
+        """Its node, working directory, PYTHONPATH and the file this module was imported from (the shipped code)."""
+        import ray
 
-def ray_options(resources: dict[str, float]) -> dict[str, Any]:
-    """Ray actor/task options from ``resources_per_worker`` (CPU, GPU, or custom resources)."""
-    resources = dict(resources)
-    options: dict[str, Any] = {"num_cpus": resources.pop("CPU", 1), "num_gpus": resources.pop("GPU", 0)}
-    if resources:
-        options["resources"] = resources
-    return options
+        return {"node": ray.get_runtime_context().get_node_id(), "cwd": os.getcwd(), "code": __file__,
+                "pythonpath": os.environ.get("PYTHONPATH", "")}
 
 
-def ray_session(address: str | None):
-    """Ray, initialised once: joins ``address`` or starts a small local cluster."""
-    import ray
-
-    if not ray.is_initialized():
-        runtime_env = {"env_vars": {"PYTHONPATH": os.pathsep.join(filter(None, [ROOT, os.environ.get("PYTHONPATH")]))}}
-        cpus = None if address else max(2, os.cpu_count() or 2)
-        ray.init(address=address, num_cpus=cpus, include_dashboard=False, log_to_driver=False,
-                 runtime_env=runtime_env)
-    return ray
-
-
-def make_evaluator(config: StudyConfig, scorer):
+def make_evaluator(config: StudyConfig, scorer) -> Evaluator:
     """The evaluator for the config's executor: the in-process engine, a process pool, or Ray actors."""
     executor = config.executor
     if executor.kind == "inprocess":
@@ -233,16 +176,17 @@ def make_evaluator(config: StudyConfig, scorer):
 def context_options(config: StudyConfig, scorer) -> dict[str, Any]:
     """SearchContext keywords for the config's executor and engine sections."""
     engine = config.engine
+    evaluator = make_evaluator(config, scorer)
     return {
-        "evaluator": make_evaluator(config, scorer),
+        "evaluator": evaluator,
         "staging": Staging(engine.stage_sequences, engine.stage_keep) if engine.staged else None,
         "racing": engine.racing and config.executor.kind == "inprocess",
         "select_strategies": None if engine.select_strategies is None else tuple(engine.select_strategies),
-        "tune": _tune_runner(config) if config.executor.kind == "ray" else None,
+        "tune": _tune_runner(config, evaluator) if config.executor.kind == "ray" else None,
     }
 
 
-def _tune_runner(config: StudyConfig):
+def _tune_runner(config: StudyConfig, evaluator: Evaluator):
     from search.evaluation.tune import TuneRunner  # imports Ray Tune's helpers only for executor ray
 
-    return TuneRunner(config)
+    return TuneRunner(config, evaluator)

@@ -1,6 +1,6 @@
 """Ray Tune: an Optuna sampler's trials (TPE, random, NSGA-II) as Ray Tune trials (OptunaSearch).
 
-Each Tune trial scores one mask on a worker that loads the model once (``search.evaluation.executors``), with
+Each Tune trial scores one mask on a worker that loads the model once (``search.evaluation.workers``), with
 the budget excess as the trial's constraint; :class:`TuneRunner` records the results in both the main study
 (through the strategy's run) and the sampler's working study, so a re-run counts them and resumes.
 """
@@ -12,17 +12,21 @@ import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import optuna
 
 from objectives.budgets import CostTable, budget_excess
 from search.config import StudyConfig
-from search.evaluation.executors import WorkerState, ray_options, ray_session
+from search.evaluation.evaluator import Evaluator
+from search.evaluation.workers import WorkerState, ray_options, ray_session
 from search.record import (
     BUDGET_CONSTRAINT, PENALTY, completed, keep_params, mask_from_params, planned_mask, suggest_mask,
 )
 from surgery.mask import KeepMask
+
+if TYPE_CHECKING:
+    from search.evaluation.context import StrategyRun
 
 _TUNE_STATE: dict[str, WorkerState] = {}  # per Tune worker process (reuse_actors keeps the process)
 
@@ -119,7 +123,7 @@ def tune_sampler(config: StudyConfig, *, budget: TuneBudget, sampler, n_trials: 
     return [result.metrics for result in tuner.fit() if result.error is None]
 
 
-def record_working_trials(run, study: optuna.Study, target_of: Callable[[KeepMask], float | None]
+def record_working_trials(run: StrategyRun, study: optuna.Study, target_of: Callable[[KeepMask], float | None]
                           ) -> list[tuple[KeepMask, float]]:
     """Record the feasible completed trials of the working study ``study`` (scored by Tune workers) that ``run``'s
     strategy has not recorded yet as its trials in the main study (no forward pass), each under the target
@@ -143,18 +147,20 @@ class TuneRunner:
     trials (the ones a killed run finished) and after. Tune's own files go to ``<output_dir>/tune``.
     """
 
-    def __init__(self, config: StudyConfig):
+    def __init__(self, config: StudyConfig, evaluator: Evaluator):
         self.config = config
+        self.evaluator = evaluator  # the study's Ray actors: closed while Tune trials need their resources
 
-    def __call__(self, run, study, *, sampler, target: float, n_trials: int, warm_start: Sequence[KeepMask],
+    def __call__(self, run: StrategyRun, study: optuna.Study, *, storage: optuna.storages.BaseStorage, sampler,
+                 target: float, n_trials: int, warm_start: Sequence[KeepMask],
                  objectives: Sequence[str] = ("objective",),
                  record_target: Callable[[KeepMask], float | None] | None = None) -> None:
+        """Run ``n_trials`` of ``sampler`` in the working study ``study`` (in ``storage``) as Tune trials."""
         target_of = record_target or (lambda mask: target)
         record_working_trials(run, study, target_of)
-        if hasattr(run.ctx.evaluator, "close"):
-            run.ctx.evaluator.close()  # the Tune trials need the workers' resources
+        self.evaluator.close()  # the Tune trials need the workers' resources
         budget = TuneBudget(run.budget.costs, target, tuple(run.budget.constraints))
         tune_sampler(self.config, budget=budget, sampler=sampler, n_trials=n_trials, warm_start=warm_start,
                      metrics=objectives, storage_path=str(Path(self.config.output_dir, "tune").resolve()),
-                     study=study, storage=run.ctx.record.storage)
+                     study=study, storage=storage)
         record_working_trials(run, study, target_of)

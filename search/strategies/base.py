@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING, ClassVar
 
 from objectives.registry import Registry
@@ -16,7 +17,7 @@ class StrategySettingsError(UserError):
     """A strategy setting with a bad value (the message names the setting)."""
 
 
-class Strategy:
+class Strategy(ABC):
     """Proposes keep-masks; every mask it evaluates goes through ``run.evaluate`` / ``run.evaluate_many``.
 
     Subclasses take their settings as keyword-only constructor arguments (validated there with the checks of
@@ -37,8 +38,9 @@ class Strategy:
     #: search. The report compares the best of each group on held-out text.
     seed_method: ClassVar[bool] = False
 
+    @abstractmethod
     def search(self, run: StrategyRun) -> dict[float, KeepMask | None]:
-        raise NotImplementedError
+        """The best mask found for each of ``run.targets`` (None where there is none; ``run.note`` says why)."""
 
     def expected_evaluations(self, ctx: SearchContext) -> int | None:
         """Upper bound of ``run.evaluations`` for ``ctx`` (progress bars, tests); None when unknown."""

@@ -17,14 +17,19 @@ first, so no budget is left unused.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from surgery.mask import KeepMask, sublayer_name
 
 from ._common import Results, argmin, check_int, first_feasible, next_unmet
 from .base import Strategy, register
 from .greedy import GreedyRemoval
 
+if TYPE_CHECKING:
+    from search.evaluation.context import StrategyRun
 
-def saved_cost(run, unit: tuple[int, ...]) -> float:
+
+def saved_cost(run: StrategyRun, unit: tuple[int, ...]) -> float:
     """Budget-metric cost removed by ``unit`` (flat sublayer indices)."""
     return sum(run.budget.costs.per_sublayer[i] for i in unit) or 1e-12
 
@@ -34,7 +39,7 @@ def per_cost(values: list[float], base: float, saved: list[float]) -> list[float
     return [(value - base) / cost for value, cost in zip(values, saved)]
 
 
-def refill(run, mask: KeepMask, target: float, stage_sequences: int = 0) -> KeepMask:
+def refill(run: StrategyRun, mask: KeepMask, target: float, stage_sequences: int = 0) -> KeepMask:
     """Re-add removed sublayers that still fit under ``target``, the best (lowest objective) first; with
     ``stage_sequences`` the options are ranked on that many sequences and only the chosen one is fully evaluated."""
     while True:
@@ -55,7 +60,7 @@ def refill_bound(ctx) -> int:
     return sublayers * (sublayers + 1) // 2
 
 
-def results_with_refill(run, path: list[KeepMask], why: str, stage_sequences: int = 0) -> Results:
+def results_with_refill(run: StrategyRun, path: list[KeepMask], why: str, stage_sequences: int = 0) -> Results:
     """For each target, the first path mask meeting it, refilled; recorded under the target."""
     return first_feasible(run, path, why, finish=lambda mask, target: refill(run, mask, target, stage_sequences))
 
@@ -76,7 +81,7 @@ class GreedyPerCost(GreedyRemoval):
         """Upper bound: the dense mask, every unit removed, then per target its mask and the refill."""
         return 1 + super().expected_evaluations(ctx) + len(ctx.targets) * refill_bound(ctx)
 
-    def search(self, run) -> Results:
+    def search(self, run: StrategyRun) -> Results:
         mask = run.dense()
         value = run.evaluate(mask)
         path, self.order = [mask], []
@@ -93,7 +98,7 @@ class GreedyPerCost(GreedyRemoval):
                  + ", ".join("+".join(sublayer_name(i) for i in unit) for unit in self.order))
         return results_with_refill(run, path, "every allowed unit removed first", self.stage_sequences)
 
-    def _finalists(self, run, mask: KeepMask, candidates: list[KeepMask], saved: list[float]) -> list[int]:
+    def _finalists(self, run: StrategyRun, mask: KeepMask, candidates: list[KeepMask], saved: list[float]) -> list[int]:
         """Indices of the candidates to score on the full set: all, or the best on a few sequences."""
         if not self.stage_sequences or len(candidates) <= self.stage_keep:
             return list(range(len(candidates)))
@@ -117,7 +122,7 @@ class OneShotPerCost(Strategy):
         """Upper bound: the dense mask, each sublayer's removal, then per target its mask and the refill."""
         return (0 if self.stage_sequences else 2 * ctx.num_layers + 1) + len(ctx.targets) * (1 + refill_bound(ctx))
 
-    def search(self, run) -> Results:
+    def search(self, run: StrategyRun) -> Results:
         dense = run.dense()
         sublayers = range(len(dense.bits))
         singles = [KeepMask.from_removed(dense.num_layers, (i,)) for i in sublayers]

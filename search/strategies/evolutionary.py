@@ -13,11 +13,15 @@ from __future__ import annotations
 
 import random
 import time
+from typing import TYPE_CHECKING
 
 from surgery.mask import KeepMask
 
 from ._common import Results, argmin, check_choice, check_int, known_feasible, note_warm_start, targets
 from .base import Strategy, register
+
+if TYPE_CHECKING:
+    from search.evaluation.context import StrategyRun
 
 ATTEMPTS_PER_CHILD = 20
 
@@ -50,12 +54,12 @@ class Evolutionary(Strategy):
         """Upper bound of full evaluations (a small space stops earlier), for progress bars."""
         return len(ctx.targets) * (1 + self.generations * self.survivors)
 
-    def search(self, run) -> Results:
+    def search(self, run: StrategyRun) -> Results:
         seed = run.seed if self.seed is None else self.seed
         return {target: self._evolve(run, target, random.Random(f"{seed}:{target}")) for target in targets(run)}
 
     # one target ----------------------------------------------------------------------------------------------
-    def _evolve(self, run, target: float, rng: random.Random) -> KeepMask | None:
+    def _evolve(self, run: StrategyRun, target: float, rng: random.Random) -> KeepMask | None:
         parent = self._initial(run, target, rng)
         if parent is None:
             run.note(f"{run.strategy}: no mask meets target {target:g}, even with every sublayer removed")
@@ -79,7 +83,7 @@ class Evolutionary(Strategy):
                  f"{time.perf_counter() - started:.1f} s")
         return parent
 
-    def _stage(self, run, children: list[KeepMask]) -> list[KeepMask]:
+    def _stage(self, run: StrategyRun, children: list[KeepMask]) -> list[KeepMask]:
         """The ``survivors`` children with the best objective on the first ``stage_sequences`` sequences."""
         if len(children) <= self.survivors:
             return children
@@ -87,7 +91,7 @@ class Evolutionary(Strategy):
         order = sorted(range(len(children)), key=lambda i: (scores[i], i))
         return [children[i] for i in order[: self.survivors]]
 
-    def _initial(self, run, target: float, rng: random.Random) -> KeepMask | None:
+    def _initial(self, run: StrategyRun, target: float, rng: random.Random) -> KeepMask | None:
         if self.init == "study":
             known = known_feasible(run, target, 1)
             if known:
@@ -99,7 +103,7 @@ class Evolutionary(Strategy):
         return self._stage(run, list(dict.fromkeys(candidates)))[0]
 
     # variation -----------------------------------------------------------------------------------------------
-    def _children(self, run, target, parent: KeepMask, rng: random.Random, seen: set) -> list[KeepMask]:
+    def _children(self, run: StrategyRun, target, parent: KeepMask, rng: random.Random, seen: set) -> list[KeepMask]:
         children: list[KeepMask] = []
         for _ in range(self.offspring * ATTEMPTS_PER_CHILD):
             child = self._mutate(run, target, parent, rng)
@@ -110,7 +114,7 @@ class Evolutionary(Strategy):
                     break
         return children
 
-    def _mutate(self, run, target, parent: KeepMask, rng: random.Random) -> KeepMask | None:
+    def _mutate(self, run: StrategyRun, target, parent: KeepMask, rng: random.Random) -> KeepMask | None:
         bits = list(parent.bits)
         for _ in range(rng.randint(1, self.max_swaps)):
             removed = [i for i, keep in enumerate(bits) if not keep]
@@ -120,11 +124,11 @@ class Evolutionary(Strategy):
             bits[rng.choice(removed)], bits[rng.choice(kept)] = True, False
         return self._repair(run, target, bits, rng)
 
-    def _random_mask(self, run, target, rng: random.Random) -> KeepMask | None:
+    def _random_mask(self, run: StrategyRun, target, rng: random.Random) -> KeepMask | None:
         return self._repair(run, target, [True] * (2 * run.num_layers), rng)
 
     @staticmethod
-    def _repair(run, target, bits: list[bool], rng: random.Random) -> KeepMask | None:
+    def _repair(run: StrategyRun, target, bits: list[bool], rng: random.Random) -> KeepMask | None:
         """Remove random kept sublayers until feasible, then re-add removed ones (random order) that still fit."""
         kept = [i for i, keep in enumerate(bits) if keep]
         rng.shuffle(kept)

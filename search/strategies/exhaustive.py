@@ -7,11 +7,15 @@ target it meets. Refused when the space exceeds ``max_masks``.
 from __future__ import annotations
 
 import itertools
+from typing import TYPE_CHECKING
 
 from surgery.mask import KeepMask
 
 from ._common import Results, argmin, check_int, targets, tightest_met
 from .base import Strategy, StrategySettingsError, register
+
+if TYPE_CHECKING:
+    from search.evaluation.context import StrategyRun
 
 
 @register("exhaustive")
@@ -22,7 +26,7 @@ class Exhaustive(Strategy):
     def expected_evaluations(self, ctx) -> int:
         return 2 ** (2 * ctx.num_layers)  # upper bound: masks meeting no target are skipped
 
-    def search(self, run) -> Results:
+    def search(self, run: StrategyRun) -> Results:
         sublayers = 2 * run.num_layers
         size = 2**sublayers
         if size > self.max_masks:

@@ -8,10 +8,15 @@ BlockPruner and SLEB perplexity / calibration loss); the removal order is kept i
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from surgery.mask import ATTN, FFN, KeepMask, sublayer_name
 
 from ._common import Results, argmin, check_choice, check_fraction, first_feasible, next_unmet
 from .base import Strategy, register
+
+if TYPE_CHECKING:
+    from search.evaluation.context import StrategyRun
 
 KINDS = {"attn": (ATTN,), "ffn": (FFN,), "both": (ATTN, FFN)}
 
@@ -41,7 +46,7 @@ class GreedyRemoval(Strategy):
         units = len(self.units(ctx.dense()))
         return units * (units + 1) // 2 + len(ctx.targets)
 
-    def search(self, run) -> Results:
+    def search(self, run: StrategyRun) -> Results:
         mask = run.dense()
         path, self.order = [mask], []
         while (pending := next_unmet(run, mask)) is not None:

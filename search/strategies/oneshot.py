@@ -4,6 +4,8 @@ layers cannot meet exactly is met by removing more."""
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 
 from objectives.proxy import angular_distances, block_influence
@@ -11,6 +13,9 @@ from surgery.mask import KeepMask
 
 from ._common import Results, check_bool, first_feasible, prefix_path, targets
 from .base import Strategy, register
+
+if TYPE_CHECKING:
+    from search.evaluation.context import StrategyRun
 
 
 def ranked_layers(scores: torch.Tensor | list[float]) -> list[int]:
@@ -33,7 +38,7 @@ class Gromov(Strategy):
     def expected_evaluations(self, ctx) -> int:
         return len(ctx.targets)
 
-    def search(self, run) -> Results:
+    def search(self, run: StrategyRun) -> Results:
         hidden = run.scorer.hidden_states()
         layers = run.num_layers
         self.distances = {
@@ -41,7 +46,7 @@ class Gromov(Strategy):
         }
         return {target: self._best_window(run, target) for target in targets(run)}
 
-    def _best_window(self, run, target: float) -> KeepMask | None:
+    def _best_window(self, run: StrategyRun, target: float) -> KeepMask | None:
         layers = run.num_layers
         for n, distances in self.distances.items():
             windows = [
@@ -71,7 +76,7 @@ class ShortGPT(Strategy):
     def expected_evaluations(self, ctx) -> int:
         return len(ctx.targets)
 
-    def search(self, run) -> Results:
+    def search(self, run: StrategyRun) -> Results:
         self.influence = block_influence(run.scorer.hidden_states()).tolist()
         order = ranked_layers(self.influence)
         run.note(f"{run.strategy}: layers by block influence {order}")
@@ -92,7 +97,7 @@ class ShortenedLlama(Strategy):
     def expected_evaluations(self, ctx) -> int:
         return ctx.num_layers + len(ctx.targets)
 
-    def search(self, run) -> Results:
+    def search(self, run: StrategyRun) -> Results:
         layers = run.num_layers
         singles = [KeepMask.from_layers(layers, [layer]) for layer in range(layers)]
         self.scores = run.evaluate_many(singles)  # serve every target: no target tag

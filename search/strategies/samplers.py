@@ -12,6 +12,7 @@ With ``executor: ray`` the same samplers propose masks for Ray Tune trials (``se
 from __future__ import annotations
 
 import contextlib
+from typing import TYPE_CHECKING
 
 import optuna
 
@@ -21,6 +22,9 @@ from surgery.mask import KeepMask
 from .replay import ReplaySampler, finish_running
 from ._common import Results, check_bool, check_int, known_feasible, targets, tightest_met
 from .base import Strategy, register
+
+if TYPE_CHECKING:
+    from search.evaluation.context import StrategyRun
 
 FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.FAIL)
 
@@ -36,7 +40,7 @@ def quiet_optuna():
         optuna.logging.set_verbosity(before)
 
 
-def violation(run, mask: KeepMask, target: float) -> float:
+def violation(run: StrategyRun, mask: KeepMask, target: float) -> float:
     """0 when ``mask`` meets ``target`` and every extra constraint; else the largest excess (fraction of dense)."""
     return run.budget.excess(mask, target)
 
@@ -56,11 +60,11 @@ class OptunaSampling(Strategy):
         """Upper bound (trials over the budget are not evaluated), for progress bars."""
         return (self.n_trials + 1) * len(ctx.targets)
 
-    def working_study(self, run, name: str, seed: int, directions: list[str]) -> optuna.Study:
+    def working_study(self, run: StrategyRun, name: str, seed: int, directions: list[str]) -> optuna.Study:
         # trial N draws the same in any process: exact resume
         return run.working_study(name, ReplaySampler(self.sampler, seed), directions)
 
-    def enqueue_known(self, run, study: optuna.Study, target: float) -> None:
+    def enqueue_known(self, run: StrategyRun, study: optuna.Study, target: float) -> None:
         sublayers = 2 * run.num_layers
         present = {planned_mask(t, sublayers) for t in study.get_trials(deepcopy=False)} - {None}
         for mask in known_feasible(run, target, self.warm_start):
@@ -68,7 +72,7 @@ class OptunaSampling(Strategy):
                 study.enqueue_trial(keep_params(mask))
                 present.add(mask)
 
-    def optimize(self, run, study: optuna.Study, objective) -> None:
+    def optimize(self, run: StrategyRun, study: optuna.Study, objective) -> None:
         """Finish the trials a killed run left RUNNING, in place, then run the rest up to ``n_trials``."""
         with quiet_optuna():
             finish_running(study, run.running_trials(study), objective)
@@ -76,7 +80,7 @@ class OptunaSampling(Strategy):
             if done < self.n_trials:
                 study.optimize(objective, n_trials=self.n_trials - done)
 
-    def optimize_on_ray(self, run, study: optuna.Study, target: float, seed: int, objective, *,
+    def optimize_on_ray(self, run: StrategyRun, study: optuna.Study, target: float, seed: int, objective, *,
                         warm_start: list[KeepMask] | None = None, **options) -> None:
         """executor ray: the trials a killed run left RUNNING are finished in place (``objective``, as in
         :meth:`optimize`), the remaining ones run as Ray Tune trials (OptunaSearch with this sampler, asking and
@@ -94,7 +98,7 @@ class OptunaSampling(Strategy):
                             warm_start=[m for m in warm_start if m not in present][:remaining], **options)
 
     @staticmethod
-    def best_for(run, study: optuna.Study, target: float) -> KeepMask | None:
+    def best_for(run: StrategyRun, study: optuna.Study, target: float) -> KeepMask | None:
         """Lowest-objective mask among the working study's completed trials that meets ``target``."""
         sublayers = 2 * run.num_layers
         best: tuple[float, int, KeepMask] | None = None
@@ -112,7 +116,7 @@ class OptunaSampling(Strategy):
 class PerTargetSampling(OptunaSampling):
     """Single-objective working study per target, the budget as constraint."""
 
-    def search(self, run) -> Results:
+    def search(self, run: StrategyRun) -> Results:
         seed = run.seed if self.seed is None else self.seed
         results: Results = {}
         for index, target in enumerate(targets(run)):
@@ -127,7 +131,7 @@ class PerTargetSampling(OptunaSampling):
         return results
 
     @staticmethod
-    def _objective(run, trial: optuna.Trial, target: float) -> float:
+    def _objective(run: StrategyRun, trial: optuna.Trial, target: float) -> float:
         mask = suggest_mask(trial, 2 * run.num_layers)
         excess = violation(run, mask, target)
         trial.set_constraint("budget", excess)
@@ -170,7 +174,7 @@ class NSGA2(OptunaSampling):
     def expected_evaluations(self, ctx) -> int:
         return self.n_trials + len(ctx.targets)
 
-    def search(self, run) -> Results:
+    def search(self, run: StrategyRun) -> Results:
         seed = run.seed if self.seed is None else self.seed
         study = self.working_study(run, run.strategy, seed, ["minimize", "minimize"])
         if run.tunes:
@@ -185,7 +189,7 @@ class NSGA2(OptunaSampling):
         return {target: self.best_for(run, study, target) for target in targets(run)}
 
     @staticmethod
-    def _objective(run, trial: optuna.Trial) -> tuple[float, float]:
+    def _objective(run: StrategyRun, trial: optuna.Trial) -> tuple[float, float]:
         mask = suggest_mask(trial, 2 * run.num_layers)
         kept = run.budget.costs.cost(mask) / run.budget.costs.dense
         excess = violation(run, mask, min(run.targets))
