@@ -35,7 +35,7 @@ def smoke_study(out: Path) -> Path:
     """Run SMOKE_STUDY's config, shrunk by its overrides, into ``out``."""
     import yaml
 
-    from search.commands.run import portable_config
+    from search.commands.run.plan import portable_config
     from search.config import load_config
     from search.study import main as study_main
 
@@ -54,7 +54,7 @@ def result_masks(data, targets: list[float] | None) -> dict[float, dict[str, lis
     """target -> mask text -> the strategy tags whose result it is."""
     found: dict[float, dict[str, list[str]]] = {}
     for tag, record in sorted(data.records.items()):
-        for target, mask in record.get("results", {}).items():
+        for target, mask in record.results.items():
             if mask and (targets is None or float(target) in targets):
                 found.setdefault(float(target), {}).setdefault(mask, []).append(tag)
     return found
@@ -97,7 +97,7 @@ def rescore(args: argparse.Namespace, study_dir: Path) -> int:
 
     from objectives.calibration import mixed_batch
     from objectives.scorer import MaskScorer
-    from search.commands.report import read_study
+    from search.studydir.reader import read_study
     from search.config import load_config, model_source
     from surgery.cli import load_checked
     from surgery.mask import KeepMask

@@ -45,7 +45,7 @@ def oracle_config(study: Path, texts: list[Path], out: Path, *, targets: list[fl
     """The study's config (its local paths made absolute) with calibration on ``texts`` (the first as
     ``calibration``, the rest as ``extra_calibration``), objective ppl, only ``targets``, the oracle strategies
     and ``out``."""
-    from search.commands.run import portable_config
+    from search.commands.run.plan import portable_config
     from search.config import load_config
 
     config = portable_config(load_config(study))
@@ -87,13 +87,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def results_table(out: Path) -> list[str]:
     """Each strategy's result mask per target, with its objective (perplexity on the text)."""
-    from search.commands.report import read_study
+    from search.studydir.reader import read_study
 
     data = read_study(out)
     objective = data.trials.groupby("mask")["objective"].min()
     lines = ["| strategy | target | mask | perplexity |", "|---|---|---|---|"]
     for tag, record in data.records.items():
-        for target, mask in sorted(record.get("results", {}).items()):
+        for target, mask in sorted(record.results.items()):
             lines.append(f"| {tag} | {target} | `{mask}` | {objective[mask]:.4g} |" if mask else
                          f"| {tag} | {target} | none | - |")
     return lines

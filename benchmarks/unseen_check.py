@@ -68,7 +68,8 @@ def log_ppl(model, batch: torch.Tensor, size: int = 8) -> float:
 
 def study_masks(study: Path) -> pd.DataFrame:
     """(target, label, mask, seed) rows: the recommended mask and every seed method's result per target."""
-    from search.commands.report import _is_seed, read_study, recommended
+    from search.studydir.reader import read_study, recommended
+    from search.studydir.report import _is_seed
 
     data = read_study(study)
     rows = [{"target": r.target, "label": f"recommended ({r.strategy})", "mask": r.mask, "seed": False}
@@ -78,7 +79,7 @@ def study_masks(study: Path) -> pd.DataFrame:
     for tag, record in data.records.items():
         if _is_seed(data, tag):
             rows += [{"target": float(t), "label": tag, "mask": m, "seed": True}
-                     for t, m in record.get("results", {}).items() if m]
+                     for t, m in record.results.items() if m]
     return pd.DataFrame(rows)
 
 

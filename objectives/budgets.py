@@ -7,7 +7,8 @@ A new budget is one builder function plus one registry entry.
 
 from __future__ import annotations
 
-from typing import Callable
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -21,7 +22,8 @@ from .costs import BudgetError, CostTable, budget_excess
 from .latency import latency_decode_costs, latency_prefill_costs
 from .registry import Registry
 
-__all__ = ["BUDGETS", "BudgetError", "CostTable", "budget_excess", "kv_cache_costs", "param_costs", "sublayer_costs"]
+__all__ = ["BUDGETS", "Budget", "BudgetError", "CostTable", "budget_excess", "kv_cache_costs", "param_costs",
+           "sublayer_costs"]
 
 
 def param_costs(model: nn.Module) -> CostTable:
@@ -58,9 +60,24 @@ def sublayer_costs(model: nn.Module) -> CostTable:
 
 
 BudgetBuilder = Callable[..., CostTable]
-BUDGETS: Registry[BudgetBuilder] = Registry("budget")
-BUDGETS.add("params", param_costs)
-BUDGETS.add("kv_cache_bytes", kv_cache_costs)
-BUDGETS.add("sublayers", sublayer_costs)
-BUDGETS.add("latency_prefill_ms", latency_prefill_costs)  # measured on the study's device (objectives.latency)
-BUDGETS.add("latency_decode_ms", latency_decode_costs)
+
+
+@dataclass(frozen=True)
+class Budget:
+    """A registered budget: its builder, and whether it is ``measured`` on the device. A measured budget takes the
+    config's ``latency:`` settings and the study directory that keeps its profile; a dry run does not build it, and
+    a study records it on trials only when the config asks for it."""
+
+    build: BudgetBuilder
+    measured: bool = False
+
+    def __call__(self, model: nn.Module, **kwargs: Any) -> CostTable:
+        return self.build(model, **kwargs)
+
+
+BUDGETS: Registry[Budget] = Registry("budget")
+BUDGETS.add("params", Budget(param_costs))
+BUDGETS.add("kv_cache_bytes", Budget(kv_cache_costs))
+BUDGETS.add("sublayers", Budget(sublayer_costs))
+BUDGETS.add("latency_prefill_ms", Budget(latency_prefill_costs, measured=True))  # objectives.latency
+BUDGETS.add("latency_decode_ms", Budget(latency_decode_costs, measured=True))

@@ -24,7 +24,7 @@ from typing import Any, Iterable
 import optuna
 from optuna.distributions import CategoricalDistribution
 
-from search.stored import (HeldoutCache, Meta, StrategyRecord, TrialAttrs, ValidationCache, mask_problem,
+from search.stored import (HeldoutCache, StrategyRecord, StudyMeta, TrialAttrs, ValidationCache, mask_problem,
                            shape_problem)
 from surgery.errors import UserError
 from surgery.mask import KeepMask
@@ -146,7 +146,7 @@ class StudyRecord:
     def evaluations(self) -> list[Evaluation]:
         """Every evaluated mask and strategy, in trial order (their attrs checked)."""
         trials = [t for t in completed(self.study) if MASK in t.user_attrs]
-        sublayers = 2 * self.meta().get("num_layers", 0)
+        sublayers = 2 * self.num_layers()
         for trial in trials:
             self._check_shape(f"trial {trial.number}", TrialAttrs, trial.user_attrs,
                               sublayers and mask_problem(trial.user_attrs[MASK], sublayers))
@@ -181,42 +181,48 @@ class StudyRecord:
         return [s.study_name for s in optuna.get_all_study_summaries(self.storage)]
 
     # study attrs ------------------------------------------------------------------------------------------
-    def meta(self) -> dict:
-        """The run metadata (empty before the first run stored it), its shape checked."""
+    def meta(self) -> StudyMeta | None:
+        """The run metadata (None before the first run stored it), its shape checked."""
         meta = self.study.user_attrs.get(META)
         if meta is None:
-            return {}
-        self._check_shape(META, Meta, meta)
-        return dict(meta)
+            return None
+        self._check_shape(META, StudyMeta, meta)
+        return StudyMeta.model_validate(meta)
 
-    def set_meta(self, meta: dict) -> None:
+    def set_meta(self, meta: StudyMeta) -> None:
         self._check_claim()
-        self.study.set_user_attr(META, meta)
+        self.study.set_user_attr(META, meta.model_dump())
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            self.study.set_metric_names([meta["objective"], meta["budget_metric"]])
+            self.study.set_metric_names([meta.objective, meta.budget_metric])
 
     def fingerprint(self) -> dict | None:
-        return self.meta().get("fingerprint")
+        meta = self.meta()
+        return None if meta is None else meta.fingerprint
 
-    def strategy_record(self, tag: str) -> dict | None:
+    def num_layers(self) -> int:
+        """The model's decoder layers as stored in the metadata (0 before the first run stored it)."""
+        meta = self.meta()
+        return 0 if meta is None else meta.num_layers
+
+    def strategy_record(self, tag: str) -> StrategyRecord | None:
         record = self.study.user_attrs.get(STRATEGY_PREFIX + tag)
         return None if record is None else self._checked_record(STRATEGY_PREFIX + tag, record)
 
-    def set_strategy_record(self, tag: str, record: dict) -> None:
+    def set_strategy_record(self, tag: str, record: StrategyRecord) -> None:
         self._check_claim()
-        self.study.set_user_attr(STRATEGY_PREFIX + tag, record)
+        self.study.set_user_attr(STRATEGY_PREFIX + tag, record.model_dump())
 
-    def strategy_records(self) -> dict[str, dict]:
+    def strategy_records(self) -> dict[str, StrategyRecord]:
         attrs = self.study.user_attrs
         return {k[len(STRATEGY_PREFIX):]: self._checked_record(k, v) for k, v in attrs.items()
                 if k.startswith(STRATEGY_PREFIX)}
 
-    def _checked_record(self, attr: str, record) -> dict:
+    def _checked_record(self, attr: str, record) -> StrategyRecord:
         self._check_shape(attr, StrategyRecord, record)
         masks = [m for m in record.get("results", {}).values() if m is not None]
         self._check_masks(attr, masks)
-        return record
+        return StrategyRecord.model_validate(record)
 
     def heldout_cache(self, column: str) -> dict:
         """``{"spec": ..., "ppl": {mask: perplexity}}`` of one held-out set (empty when never scored)."""
@@ -273,7 +279,7 @@ class StudyRecord:
         self._damaged(attr, shape_problem(shape, value) or problem)
 
     def _check_masks(self, attr: str, masks: list) -> None:
-        sublayers = 2 * self.meta().get("num_layers", 0)
+        sublayers = 2 * self.num_layers()
         self._damaged(attr, next((p for p in (mask_problem(m, sublayers) for m in masks) if p), None)
                       if sublayers else None)
 
@@ -333,11 +339,11 @@ def strategy_problems(record: StudyRecord | None, entries: Iterable) -> list[str
     """Strategy tags the study ran with another strategy or other settings (the old results would be reused)."""
     problems = []
     for i, entry in enumerate(entries if record is not None else ()):
-        stored = record.strategy_record(entry.tag) or {}
+        stored = record.strategy_record(entry.tag)
         now = json.loads(json.dumps({"name": entry.name, "settings": dict(entry.settings)}))
-        if stored.get("done") and {"name": stored.get("name"), "settings": stored.get("settings")} != now:
-            problems.append(f"strategies.{i}: {entry.tag!r} already ran as {stored.get('name')} with settings "
-                            f"{stored.get('settings')}; give these settings a new `label` (got {now['settings']})")
+        if stored is not None and stored.done and {"name": stored.name, "settings": stored.settings} != now:
+            problems.append(f"strategies.{i}: {entry.tag!r} already ran as {stored.name} with settings "
+                            f"{stored.settings}; give these settings a new `label` (got {now['settings']})")
     return problems
 
 

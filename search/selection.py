@@ -18,11 +18,13 @@ from dataclasses import dataclass
 
 import pandas as pd
 
+from search.stored import StrategyRecord
+
 NOISE_SE = 2.0  # a lead smaller than this many standard errors is within noise
 
 
 # scoring (during ``run``) ---------------------------------------------------------------------------------
-def candidate_pool(ctx, results: list[dict], extra: int) -> dict[str, list[str]]:
+def candidate_pool(ctx, results: list[StrategyRecord], extra: int) -> dict[str, list[str]]:
     """Per target (``format(t, "g")``): every strategy's result, then the ``extra`` best other feasible masks."""
     from surgery.mask import KeepMask
 
@@ -30,7 +32,7 @@ def candidate_pool(ctx, results: list[dict], extra: int) -> dict[str, list[str]]
     pool = {}
     for target in ctx.targets:
         key = format(target, "g")
-        found = list(dict.fromkeys(m for done in results if (m := done["results"].get(key))))
+        found = list(dict.fromkeys(m for done in results if (m := done.results.get(key))))
         others = [m for _, m in ranked if m not in found and ctx.feasible(KeepMask.parse(m), target)]
         pool[key] = found + others[:extra]
     return pool
@@ -38,7 +40,7 @@ def candidate_pool(ctx, results: list[dict], extra: int) -> dict[str, list[str]]
 
 def _spec(config) -> list:
     from search.config import text_source, validation_sections
-    from search.studydir import text_identity
+    from search.studydir.fingerprint import text_identity
 
     parts = []
     for key, section in validation_sections(config):
@@ -48,7 +50,8 @@ def _spec(config) -> list:
     return [config.selection.criterion, config.reference.topk, parts]  # not ``reduce``: the windows stay valid
 
 
-def finish_on_validation(ctx, config, model, batches: dict, results: list[dict], *, progress: bool = True) -> list[str]:
+def finish_on_validation(ctx, config, model, batches: dict, results: list[StrategyRecord], *,
+                         progress: bool = True) -> list[str]:
     """Score the pool and the dense mask on every validation domain (cached); the masks scored. No validation text:
     nothing to do."""
     from tqdm.auto import tqdm

@@ -20,8 +20,8 @@ class _Stored(BaseModel):
     model_config = ConfigDict(extra="allow")
 
 
-class Meta(_Stored):
-    """The study attr ``meta``: what ``run`` recorded about the study."""
+class StudyMeta(_Stored):
+    """The study attr ``meta``: what ``run`` recorded about the study (model, objective, budget, dense costs)."""
 
     fingerprint: dict[str, Any]
     model: StrictStr
@@ -46,6 +46,10 @@ class StrategyRecord(_Stored):
     forwards: StrictInt | None = None
     wall_s: Number | None = None
     notes: list[StrictStr] = []
+
+    def masks(self) -> list[str]:
+        """Every mask this strategy returned, in target order (None results left out)."""
+        return [mask for mask in self.results.values() if mask]
 
 
 class HeldoutCache(_Stored):

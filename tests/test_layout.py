@@ -88,6 +88,21 @@ def test_schemas_do_not_import_commands():
         schemas, [])
 
 
+def test_commands_depend_on_the_study_package_not_on_each_other():
+    """run, report, export and confirm read and write a study through ``search.studydir``; none imports another."""
+    graph = import_graph(("search",), lazy=True)
+    verbs = [f"search.commands.{name}" for name in ("run", "report", "export", "confirm")]
+
+    def verb(module: str) -> str | None:
+        return next((v for v in verbs if module == v or module.startswith(v + ".")), None)
+
+    assert [(m, d) for m, deps in graph.items() for d in deps if verb(d) and verb(d) != verb(m)] == []
+    assert all("search.studydir" in graph[v] for v in verbs)
+    study = {m: sorted(d for d in deps if d.startswith("search.commands"))
+             for m, deps in graph.items() if m.startswith("search.studydir")}
+    assert len(study) >= 5 and all(deps == [] for deps in study.values()), study
+
+
 def test_the_cycle_check_sees_a_cycle():
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}) == [["a", "b", "c", "a"]]
 

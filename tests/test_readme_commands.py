@@ -202,7 +202,7 @@ def link_tree(folder: Path, runs: Path) -> Path:
 
 def tiny_config(name: str, runs: Path) -> Path:
     """``studies/<name>.yaml`` with TINY's strategies and 2 x 32 tokens of every text, written to tiny/<name>.yaml."""
-    from search.commands.run import portable_config
+    from search.commands.run.plan import portable_config
     from search.config import load_config
 
     config = portable_config(load_config(ROOT / "studies" / f"{name}.yaml"))

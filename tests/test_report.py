@@ -11,7 +11,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from search.commands.export import ExportError, removal_limit, select
-from search.commands.report import pareto_mask, read_study
+from search.studydir.reader import pareto_mask, read_study
 from search.study import main as study_main
 from surgery.load import load_model
 from surgery.mask import KeepMask
@@ -72,7 +72,7 @@ def test_summary_compares_with_exhaustive(study_dir):
     assert "## Budget: 50% of params removed (params <= 130016)" in text
     best = data.trials.drop_duplicates("mask")
     optimum = best[best["params"] <= 0.4 * 260032]["objective"].min()  # the true optimum at 60%
-    result = data.records["exhaustive"]["results"]["0.6"]
+    result = data.records["exhaustive"].results["0.6"]
     assert math.isclose(best.set_index("mask")["objective"][result], optimum)
     assert "0 (optimum)" in text and "| exhaustive |" in text
     assert "at optimum" in text
@@ -143,14 +143,14 @@ def test_extra_heldout_sets_and_the_seed_versus_own_table(tmp_path):
     data = read_study(out)
     column = "heldout_ppl_stories_train"
     scored = data.extra_heldout[column]
-    results = {m for r in data.records.values() for m in r["results"].values()}
+    results = {m for r in data.records.values() for m in r.results.values()}
     assert set(scored) == results | {data.dense_mask}
     assert all(math.isfinite(p) and p > 1 for p in scored.values())
     trials = pd.read_csv(out / "trials.csv")
     assert column in trials.columns and trials[column].notna().sum() >= len(results)
     summary = (out / "summary.md").read_text(encoding="utf-8")
     assert "Seed methods vs the project's own search" in summary
-    seed, own = data.records["sleb"]["results"]["0.3"], data.records["greedy_per_cost"]["results"]["0.3"]
+    seed, own = data.records["sleb"].results["0.3"], data.records["greedy_per_cost"].results["0.3"]
     change = f"{scored[own] / scored[seed] - 1:+.1%}"
     assert f"| 0.3 | {column} | sleb |" in summary and change in summary
 
@@ -159,9 +159,10 @@ def test_comparison_says_when_the_best_own_mask_is_the_seed_mask():
     """A warm-started own strategy that returns a seed method's mask unchanged is a tie, and the table says so."""
     from types import SimpleNamespace
 
-    from search.commands.report import comparison_frame
+    from search.stored import StrategyRecord
+    from search.studydir.report import comparison_frame
 
-    data = SimpleNamespace(records={tag: {"name": tag} for tag in ("sleb", "evolutionary", "greedy_per_cost")},
+    data = SimpleNamespace(records={tag: StrategyRecord(name=tag) for tag in ("sleb", "evolutionary", "greedy_per_cost")},
                            extra_heldout={})
     results = pd.DataFrame({"target": [0.25, 0.25, 0.25, 0.5, 0.5],
                             "strategy": ["sleb", "evolutionary", "greedy_per_cost", "sleb", "greedy_per_cost"],

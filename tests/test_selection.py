@@ -42,9 +42,9 @@ def _cache(out):
 def test_pool_holds_every_result_and_the_best_others(study):
     cache, _ = _cache(study)
     trials = pd.read_csv(study / "trials.csv").drop_duplicates("mask")
-    dense = open_record(f"sqlite:///{study / 'study.db'}", create=False).meta()["dense"]["params"]
+    dense = open_record(f"sqlite:///{study / 'study.db'}", create=False).meta().dense["params"]
     for key, pool in cache["pool"].items():
-        results = [r["results"][key] for r in _records(study).values()]
+        results = [r.results[key] for r in _records(study).values()]
         assert set(results) <= set(pool)
         feasible = trials[(trials["params"] <= (1 - float(key)) * dense) & ~trials["mask"].isin(results)]
         best = feasible.sort_values(["objective", "mask"])["mask"].tolist()[:3]
@@ -94,7 +94,7 @@ def test_export_defaults_to_the_recommended_mask(study, tmp_path, capsys):
     written = json.loads((tmp_path / "a" / "depthsearch-export.json").read_text())
     assert written["mask"] == chosen.loc[0.4, "mask"]
     assert "| selected_because | lowest mean log-perplexity" in (tmp_path / "a" / "README.md").read_text()
-    dense = open_record(f"sqlite:///{study / 'study.db'}", create=False).meta()["dense"]["params"]
+    dense = open_record(f"sqlite:///{study / 'study.db'}", create=False).meta().dense["params"]
     assert study_main(["export", str(study), "--max-params", str(0.6 * dense), "--out", str(tmp_path / "b")]) == 0
     assert json.loads((tmp_path / "b" / "depthsearch-export.json").read_text())["mask"] == chosen.loc[0.4, "mask"]
 

@@ -72,7 +72,8 @@ class Candidate:
 
 def study_front(study_dir: Path):
     """(front frame, size metric) of a study; a clear error when it has no completed trials."""
-    from search.commands.report import front_frame, load_study_dir, read_study
+    from search.studydir import load_study_dir
+    from search.studydir.reader import front_frame, read_study
 
     record, _, _ = load_study_dir(study_dir)
     if not record.evaluations():
@@ -284,8 +285,7 @@ def main(args: argparse.Namespace) -> int:
     from objectives.benchmarks import check_tasks
 
     from search.checks import device_problem
-    from search.commands.report import load_study_dir
-    from search.studydir import StudyLock, study_model
+    from search.studydir import StudyLock, load_study_dir, study_model
 
     study_dir = Path(args.study_dir)
     record, _, config = load_study_dir(study_dir)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from search.commands.report import VALIDATION_COLUMN, StudyData, read_study, recommended
+from search.studydir.reader import VALIDATION_COLUMN, StudyData, read_study, recommended
 from search.record import PRIMARY_COLUMN
 from surgery.errors import UserError
 
@@ -51,7 +51,7 @@ def candidates(data: StudyData, *, max_params=None, max_removed=None, scored: st
             raise ExportError(f"no evaluated mask has at most {max_params:g} parameters "
                               f"(smallest: {masks['params'].min():g})")
         return within
-    limit = removal_limit(max_removed, 2 * data.meta["num_layers"])
+    limit = removal_limit(max_removed, 2 * data.meta.num_layers)
     within = masks[masks["removed"] <= limit]
     if within.empty:
         raise ExportError(f"no evaluated mask removes at most {limit} sublayers")
@@ -93,16 +93,15 @@ def select_target(data: StudyData, target: float) -> tuple[pd.Series, str]:
 
 
 def main(args: argparse.Namespace) -> int:
-    from search.commands.report import load_study_dir
     from search.config import model_source
-    from search.studydir import study_model
+    from search.studydir import open_study, study_model
     from surgery.cli import load_checked
     from surgery.export import check_target, export_gguf_file, export_options, export_pruned, fitted_repair
     from surgery.mask import KeepMask
 
     study_dir = Path(args.study_dir)
-    data = read_study(study_dir)
-    _, _, config = load_study_dir(study_dir)
+    study = open_study(study_dir)
+    data, config = read_study(study), study.config
     name, trust = study_model(study_dir, config, data.meta, trust_remote_code=args.trust_remote_code)
     if args.target is not None:
         best, why = select_target(data, args.target)
@@ -114,8 +113,8 @@ def main(args: argparse.Namespace) -> int:
     protect = (("the study", study_dir), ("the source model", Path(name) if local else None))
     check_target(Path(args.out), args.force, protect=protect)  # before the model is loaded
     metrics = {key: _plain(best[key]) for key in ("strategy", "objective", PRIMARY_COLUMN, VALIDATION_COLUMN, "removed_attn",
-                                                    "removed_ffn", *data.meta["dense"]) if key in best}
-    metrics.update(calibration_objective=data.meta["objective"], study=str(args.study_dir), selected_because=why)
+                                                    "removed_ffn", *data.meta.dense) if key in best}
+    metrics.update(calibration_objective=data.meta.objective, study=str(args.study_dir), selected_because=why)
     mask = KeepMask.parse(best["mask"])
     if options.source_file is not None and options.outtype is None:  # tensors copied: no model to load
         out = export_gguf_file(options.source_file, mask, Path(args.out), source=config.model.name,
