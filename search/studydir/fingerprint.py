@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
+from search.stored import StudyMeta
 from search.studydir.ownership import CONFIG_COPY, StudyDirError
 
 FINGERPRINT_VERSION = 3  # 3: keep bits stored as one categorical distribution
@@ -139,10 +140,10 @@ def check_resume(record, current: dict, where: Path, source, url: str) -> None:
     raise ConfigError(format_problems(source, [head, *problems]))
 
 
-def study_model(study_dir: Path, config, meta, *, trust_remote_code: bool) -> tuple[str, bool]:
+def study_model(study_dir: Path, config, meta: StudyMeta | None, *, trust_remote_code: bool) -> tuple[str, bool]:
     """(model, trust_remote_code) for export and confirm: the model the study ran on, unchanged since (its digest
     is checked), with remote code only when the user passes ``--trust-remote-code`` (a study directory's
-    config.yaml is data, never permission to run code). ``meta``: the study's ``StudyMeta`` (None before a run)."""
+    config.yaml is data, never permission to run code)."""
     from search.config import model_source
 
     name, local = model_source(config)
