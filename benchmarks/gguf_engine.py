@@ -42,7 +42,7 @@ from surgery.masking import masked  # noqa: E402
 
 SMOLLM2 = ROOT / "studies/assets/models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf"
 TEXT = ROOT / "studies/assets/text/wikitext2_valid.tokens"
-MASKS = {  # the best masks of studies/smollm2-135m.yaml (studies/results/smollm2-135m/summary.md)
+MASKS = {  # the best masks of studies/smollm2-135m.yaml (studies/results/smollm2-135m-two-domains/summary.md)
     "12.5%": "AM,AM,AM,AM,AM,--,A-,-M,AM,AM,AM,AM,AM,AM,AM,AM,A-,--,--,AM,AM,AM,AM,AM,AM,AM,AM,AM,AM,AM",
     "25%": "AM,AM,AM,A-,--,--,A-,-M,AM,AM,AM,AM,AM,A-,--,--,--,--,-M,AM,AM,AM,AM,AM,AM,AM,A-,AM,AM,AM",
     "37.5%": "AM,AM,AM,A-,--,A-,--,--,-M,AM,AM,AM,-M,--,--,--,--,--,--,AM,AM,AM,AM,AM,A-,A-,--,A-,AM,AM",

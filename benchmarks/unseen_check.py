@@ -114,7 +114,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def smoke_study(folder: Path) -> Path:
-    """A seconds-long stories260k study with two validation domains."""
+    """A seconds-long stories260k study (two seed methods) with two validation domains."""
     import yaml
 
     from search.study import main as study_main

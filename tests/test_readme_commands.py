@@ -208,7 +208,7 @@ def tiny_config(name: str, runs: Path) -> Path:
     config = portable_config(load_config(ROOT / "studies" / f"{name}.yaml"))
     config["strategies"] = TINY
     for section in [config["calibration"], config["heldout"], *config.get("extra_calibration", {}).values(),
-                    *config.get("extra_heldout", {}).values()]:
+                    *config.get("extra_heldout", {}).values(), *config.get("validation", {}).values()]:
         section.update(num_sequences=2, seq_len=32)
     config["output_dir"] = f"runs/{name}"
     path = runs.parent / "tiny" / f"{name}.yaml"
