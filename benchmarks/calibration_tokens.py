@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def report(args: argparse.Namespace) -> int:
-    from search.commands.report import read_study
+    from search.studydir.reader import read_study
     from search.config import load_config, validation_sections
 
     data = read_study(args.study)
