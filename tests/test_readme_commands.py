@@ -48,7 +48,7 @@ SMALL = {
         "python -m search.study run studies/stories260k.yaml --dry-run --output-dir runs/dry --no-progress",
     "python -m search.study run stories260k":
         "python -m search.study run stories260k --dry-run --output-dir runs/dry",
-    "python -m search.study export runs/stories260k --max-removed 0.3 --out pruned/ [--objective heldout_ppl|calibration] "
+    "python -m search.study export runs/stories260k --max-removed 0.3 --out pruned/ [--objective validation|heldout_ppl|calibration] "
     "[--force]": "python -m search.study export runs/stories260k --max-removed 0.3 --out pruned/ --objective calibration "
                  "--force",
     "python -m search.study confirm runs/tinystories-l12-compare --budgets 0.27 --config "
