@@ -195,3 +195,53 @@ def test_dense_measured_once_and_finished_variants_reused(tmp_path):
     # another task list: the dense model is measured again under its own fingerprint
     code, _, out, _ = confirm_once(tmp_path, {**quick, "tasks": ["tinystories_ppl"]})
     assert code == 0 and len(list(out.glob("dense-*.json"))) == 2
+
+
+# masks from a CSV (a study's recommended.csv, or masks chosen elsewhere) -------------------------------------
+@pytest.mark.parametrize("text, expected", [
+    (None, "no such file"),
+    (b"\xff\xfe\x00garbage", "not a readable CSV"),
+    ("mask\nAM\n", "needs the columns target and mask (it has: mask)"),
+    ("target,mask\n", "has no rows"),
+    ('target,mask\n0.2,"AM,XX,AM,AM,AM"\n', "line 2: bad mask item 'XX' at layer 1"),
+    ('target,mask\n0.2,"AM,AM"\n', "line 2: mask AM,AM has 2 layers but the model has 5"),
+    ('target,mask\n1.5,"AM,AM,AM,AM,--"\nabc,"AM,AM,AM,AM,--"\n',
+     ["line 2: target '1.5' is not a fraction in (0, 1)", "line 3: target 'abc' is not a number"]),
+])
+def test_bad_masks_csv_exits_2_and_writes_nothing(tmp_path, capsys, text, expected):
+    from tests.faults import refused
+
+    config = write_config(tmp_path, QUICK)
+    masks = tmp_path / "masks.csv"
+    if text is not None:
+        masks.write_bytes(text if isinstance(text, bytes) else text.encode())
+    argv = ["confirm", str(tmp_path / "results"), "--config", str(config), "--masks", str(masks), "--no-progress"]
+    refused(capsys, cli, argv, expected, tmp_path)
+
+
+def test_masks_without_a_study_need_config(tmp_path, capsys):
+    from tests.faults import refused
+
+    masks = tmp_path / "masks.csv"
+    masks.write_text('target,mask\n0.2,"AM,AM,AM,AM,--"\n')
+    refused(capsys, cli, ["confirm", str(tmp_path / "results"), "--masks", str(masks)],
+            "holds no study (no config.yaml): with --masks, name the study config", tmp_path)
+
+
+@pytest.mark.slow
+def test_masks_csv_confirmed_without_a_study(tmp_path, capsys):
+    config = write_config(tmp_path, {**QUICK, "tasks": ["tinystories_next"], "limit": 4})
+    masks = tmp_path / "recommended.csv"
+    masks.write_text('target,mask,strategy\n0.2,"AM,AM,A-,AM,-M",evolutionary\n0.25,"AM,AM,A-,AM,-M",learned\n'
+                     '0.4,"AM,--,AM,AM,--",\n')
+    out = tmp_path / "results"
+    argv = ["confirm", str(out), "--config", str(config), "--masks", str(masks), "--no-progress"]
+    assert cli(argv) == 0
+    frame = pd.read_csv(out / "confirm" / "confirm.csv")
+    firsts = frame.drop_duplicates("candidate")
+    assert list(firsts["mask"]) == ["AM,AM,A-,AM,-M", "AM,--,AM,AM,--"]  # a repeated mask is confirmed once
+    assert list(firsts["strategy"]) == ["evolutionary", "csv"] and list(firsts["removed_fraction"]) == [0.2, 0.4]
+    assert frame["pruned"].notna().all() and frame["healed"].notna().all()
+    stamps = {p: p.stat().st_mtime_ns for p in (out / "confirm").rglob("*.json")}
+    assert cli(argv) == 0  # everything reused
+    assert {p: p.stat().st_mtime_ns for p in (out / "confirm").rglob("*.json")} == stamps
