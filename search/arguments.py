@@ -85,6 +85,8 @@ def confirm(parser: argparse.ArgumentParser) -> None:
                         "(with --masks and no study in STUDY_DIR: the whole study config)")
     parser.add_argument("--tasks", nargs="+", help="override confirm.tasks")
     parser.add_argument("--limit", type=positive_int, help="override confirm.limit (samples per task)")
+    parser.add_argument("--limits", nargs="+", metavar="TASK=N", help="override confirm.limits entries: rows of one "
+                        "task (N, or all for every row)")
     parser.add_argument("--steps", type=positive_int, help="override confirm.heal.steps")
     parser.add_argument("--masks", help="confirm the masks of this CSV (columns target, mask, optionally strategy, "
                         "as in a study's recommended.csv) instead of the front's; with --config, STUDY_DIR may be a "

@@ -245,3 +245,15 @@ def test_masks_csv_confirmed_without_a_study(tmp_path, capsys):
     stamps = {p: p.stat().st_mtime_ns for p in (out / "confirm").rglob("*.json")}
     assert cli(argv) == 0  # everything reused
     assert {p: p.stat().st_mtime_ns for p in (out / "confirm").rglob("*.json")} == stamps
+
+
+def test_limits_override_and_its_bad_values(tmp_path, capsys):
+    from tests.faults import refused
+
+    assert C.task_limits(["lambada_openai=all", "hellaswag=200"]) == {"lambada_openai": None, "hellaswag": 200}
+    config = write_config(tmp_path, QUICK)
+    masks = tmp_path / "masks.csv"
+    masks.write_text('target,mask\n0.2,"AM,AM,AM,AM,--"\n')
+    for bad in ("hellaswag", "hellaswag=0", "=5", "piqa=many"):
+        argv = ["confirm", str(tmp_path / "results"), "--config", str(config), "--masks", str(masks), "--limits", bad]
+        refused(capsys, cli, argv, f"--limits {bad!r}: expected TASK=N", tmp_path)

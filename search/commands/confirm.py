@@ -202,10 +202,22 @@ def load_settings(args: argparse.Namespace, config: StudyConfig) -> ConfirmSetti
     overrides = {"tasks": args.tasks, "limit": args.limit, "top_k": args.top, "budgets": args.budgets,
                  "variants": args.variants}
     data = settings.model_dump() | {k: v for k, v in overrides.items() if v is not None}
+    data["limits"] = data["limits"] | task_limits(args.limits or [])
     if args.steps is not None:
         data["heal"]["steps"] = args.steps
     config.confirm = data
     return confirm_settings(config)
+
+
+def task_limits(items: list[str]) -> dict[str, int | None]:
+    """``--limits TASK=N`` (or ``TASK=all``) as a ``confirm.limits`` mapping."""
+    limits = {}
+    for item in items:
+        task, _, count = item.partition("=")
+        if not task or not (count == "all" or count.isdigit() and int(count) > 0):
+            raise ConfirmError(f"--limits {item!r}: expected TASK=N with N a positive number of rows, or TASK=all")
+        limits[task] = None if count == "all" else int(count)
+    return limits
 
 
 def main(args: argparse.Namespace) -> int:
