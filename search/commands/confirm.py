@@ -192,6 +192,7 @@ def dense_scores(ctx, out: Path, fingerprint: str, progress: bool) -> dict:
     atomic_write_text(path, json.dumps(record, indent=1))
     return record
 
+
 # command ---------------------------------------------------------------------------------------------------
 def load_settings(args: argparse.Namespace, config: StudyConfig) -> ConfirmSettings:
     """The confirm settings of the study (or --config), with the command-line overrides applied."""
