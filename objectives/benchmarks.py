@@ -8,9 +8,12 @@ metric: the first metric its definition lists.
 
 from __future__ import annotations
 
+import contextlib
 import filecmp
 import functools
 import logging
+import math
+import os
 import re
 from dataclasses import dataclass, field
 from importlib.resources import files
@@ -192,10 +195,13 @@ def evaluate(
     limit: int | None = None,
     limits: Mapping[str, int | None] | None = None,
     batch_size: int = 8,
-    bootstrap_iters: int = 0,
+    bootstrap_iters: int = 100,
     progress: bool = True,
 ) -> dict[str, TaskResult]:
-    """Run each task on the in-memory ``model``; ``{task: TaskResult}`` in the order asked."""
+    """Run each task on the in-memory ``model``; ``{task: TaskResult}`` in the order asked.
+
+    Standard errors: lm-eval's closed form for means (``acc``: sqrt(p(1-p)/(n-1))), ``bootstrap_iters`` resamples
+    (in this process) for its bootstrappable metrics such as perplexity; 0 computes none."""
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
     from tqdm.auto import tqdm
@@ -210,14 +216,48 @@ def evaluate(
     out: dict[str, TaskResult] = {}
     for name in tqdm(tasks, desc="benchmarks", disable=not progress, leave=False):
         task, manager = resolved[name]
-        results = simple_evaluate(
-            model=lm,
-            tasks=[task],
-            task_manager=manager,
-            limit=task_limit(name, limit, limits),
-            log_samples=False,
-            bootstrap_iters=bootstrap_iters,
-            verbosity="ERROR",
-        )
+        with _serial_bootstrap():
+            results = simple_evaluate(
+                model=lm,
+                tasks=[task],
+                task_manager=manager,
+                limit=task_limit(name, limit, limits),
+                log_samples=False,
+                bootstrap_iters=bootstrap_iters,
+                verbosity="ERROR",
+            )
         out[name] = _task_result(name, task, results)
     return out
+
+
+@contextlib.contextmanager
+def _serial_bootstrap():
+    """lm-eval bootstraps in a process pool of one worker per CPU unless ``DISABLE_MULTIPROC`` is set: keep it in
+    this process (a pool would copy the model's process on a busy machine for a few hundred resamples)."""
+    before = os.environ.get("DISABLE_MULTIPROC")
+    os.environ["DISABLE_MULTIPROC"] = "1"
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("DISABLE_MULTIPROC", None)
+        else:
+            os.environ["DISABLE_MULTIPROC"] = before
+
+
+def perplexity(model, ids, *, batch_size: int = 8) -> float:
+    """Perplexity of ``model`` on token windows ``ids [n, seq_len]``: exp of the mean next-token NLL over every
+    predicted position (the study's held-out perplexity, computed on a plain model)."""
+    import torch
+    import torch.nn.functional as F
+
+    total, count = 0.0, 0
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        for start in range(0, len(ids), batch_size):
+            batch = ids[start:start + batch_size].to(device)
+            logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
+            total += F.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1),
+                                     reduction="sum").item()
+            count += batch[:, 1:].numel()
+    return math.exp(total / count)

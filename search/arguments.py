@@ -84,10 +84,19 @@ def confirm(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("study_dir", help="a study's output directory (holds config.yaml and the storage)")
     parser.add_argument("--top", type=positive_int, help="confirm the K front masks with the lowest held-out perplexity")
     parser.add_argument("--budgets", type=fraction, nargs="+", help="instead: the best front mask removing >= each fraction")
-    parser.add_argument("--config", help="take the confirm: settings from this YAML instead of the study's copy")
+    parser.add_argument("--config", help="take the confirm: settings from this YAML instead of the study's copy "
+                        "(with --masks and no study in STUDY_DIR: the whole study config)")
     parser.add_argument("--tasks", nargs="+", help="override confirm.tasks")
     parser.add_argument("--limit", type=positive_int, help="override confirm.limit (samples per task)")
+    parser.add_argument("--limits", nargs="+", metavar="TASK=N", help="override confirm.limits entries: rows of one "
+                        "task (N, or all for every row)")
     parser.add_argument("--steps", type=positive_int, help="override confirm.heal.steps")
+    parser.add_argument("--masks", help="confirm the masks of this CSV (columns target, mask, optionally strategy, "
+                        "as in a study's recommended.csv) instead of the front's; with --config, STUDY_DIR may be a "
+                        "new folder for the results")
+    parser.add_argument("--threads", type=positive_int, help="CPU threads for torch (default: model.threads)")
+    parser.add_argument("--variants", nargs="+", help="override confirm.variants: measure only these of dense, "
+                        "pruned, repaired, healed, repaired_healed now (the others are taken from earlier runs)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars")
     parser.add_argument("--trust-remote-code", action="store_true",
                         help="allow the study's model to run its own code (when its config asks for it)")

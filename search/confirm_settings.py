@@ -69,13 +69,49 @@ class ConfirmSettings(Section):
     top_k: int = Field(3, ge=1, le=1000)  # the K front masks with the lowest held-out perplexity
     budgets: list[Annotated[float, Field(gt=0.0, lt=1.0)]] = Field(  # instead: the best front mask removing >= each
         default_factory=list)
-    batch_size: int = Field(8, ge=1, le=BATCH_MAX)  # lm-eval batch size
+    batch_size: int = Field(8, ge=1, le=BATCH_MAX)  # lm-eval and held-out perplexity batch size
+    dtype: Literal["study", "float32", "bfloat16"] = "study"  # the models' dtype (study: model.dtype)
+    heldout: bool = True  # perplexity of every variant on the study's held-out texts
+    export: bool = True  # write each variant's model under its candidate's folder
+    repair: Literal["none", "linear"] = "none"  # linear: add the repaired and repaired+LoRA variants
+    repair_calibration: list[str] = Field(default_factory=list)  # PATH[:START:END]; default: the bundled texts
+    repair_sequences: int = Field(16, ge=1, le=COUNT_MAX)  # windows of each repair text
+    repair_seq_len: int = Field(128, ge=2, le=TOKENS_MAX)
+    recovery_tasks: list[str] = Field(default_factory=list)  # tasks of the "won back" line (default: accuracies)
+    variants: list[Literal["dense", "pruned", "repaired", "healed", "repaired_healed"]] = Field(  # to measure now
+        default_factory=list)  # (default: dense and every variant the repair setting gives); others come from cache
     heal: HealSection = Field(default_factory=HealSection)
 
-    def fingerprint(self) -> str:
-        """What a candidate's numbers depend on (candidates with another fingerprint are redone)."""
-        keep = self.model_dump(mode="json", exclude={"top_k", "budgets"})
-        return hashlib.sha1(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:12]
+    def evaluation(self) -> dict:
+        """The settings the benchmark and held-out numbers of a model depend on."""
+        return self.model_dump(mode="json", include={"tasks", "limit", "limits", "batch_size", "dtype", "heldout"})
+
+    def variant_fingerprint(self, variant: str, identity: dict | None = None) -> str:
+        """What one variant's numbers depend on: the evaluation, and the repair and healing settings it uses."""
+        repair = {"repair", "repair_calibration", "repair_sequences", "repair_seq_len"}
+        keys = {"repaired": repair, "healed": {"heal"}, "repaired_healed": repair | {"heal"}}.get(variant, set())
+        return _digest(self.evaluation() | self.model_dump(mode="json", include=keys | {"export"}), identity)
+
+    def fingerprint(self, identity: dict | None = None) -> str:
+        """What a candidate's numbers depend on (with ``identity``: the model and held-out text); candidates with
+        another fingerprint are redone."""
+        return _digest(self.model_dump(mode="json", exclude={"top_k", "budgets", "recovery_tasks", "variants"}),
+                       identity)
+
+    def chosen(self) -> list[str]:
+        """The models measured by this run: ``variants``, or dense and every variant of the repair setting."""
+        from search.commands.variants import wanted
+
+        return [v for v in ("dense", *wanted(self.repair)) if not self.variants or v in self.variants]
+
+    def dense_fingerprint(self, identity: dict | None = None) -> str:
+        """What the dense model's numbers depend on."""
+        return _digest(self.evaluation(), identity)
+
+
+def _digest(settings: dict, identity: dict | None) -> str:
+    text = json.dumps([settings, identity or {}], sort_keys=True) if identity else json.dumps(settings, sort_keys=True)
+    return hashlib.sha1(text.encode()).hexdigest()[:12]
 
 
 def confirm_settings(config: StudyConfig, source: Path | None = None) -> ConfirmSettings:

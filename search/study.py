@@ -21,7 +21,8 @@ SUBCOMMANDS = {  # name: (module with main(args), help, the arguments it takes)
     "export": ("search.commands.export", "export the best mask within a budget as a smaller model", arguments.export),
     "bench": ("search.commands.bench", "measure an exported model's prefill/decode speed and memory against the dense model",
               arguments.bench),
-    "confirm": ("search.commands.confirm", "heal the front's best masks with LoRA/QLoRA and benchmark them with lm-eval",
+    "confirm": ("search.commands.confirm", "benchmark the front's best masks (or a masks CSV) pruned, repaired and "
+                "LoRA-healed with lm-eval and held-out perplexity",
                 arguments.confirm),
 }
 
