@@ -61,6 +61,15 @@ SMALL = {
         "python -m search.study export runs/stories260k --max-removed 0.3 --out runs/stories260k/export-30pct --force "
         "&& python -m search.study bench runs/stories260k/export-30pct --against studies/assets/models/stories260k "
         "--batch-size 1 --seq-len 16 --context 16 --repeats 1 --warmup 0",
+    "python -m search.study confirm runs/smollm2-confirm --config studies/smollm2-135m.yaml --masks "
+    "studies/results/smollm2-135m-two-domains/confirm-masks.csv [--limits lambada_openai=all hellaswag=200] "
+    "[--threads 1]": "python -m search.study confirm runs/smollm2-confirm --config studies/smollm2-135m.yaml --masks "
+                     "studies/results/smollm2-135m-two-domains/confirm-masks.csv --tasks copa --limit 2 "
+                     "--variants dense --threads 1",
+    "python -m search.study confirm runs/smollm2-confirm --config studies/smollm2-135m.yaml --masks masks-25.csv "
+    "--tasks lambada_openai arc_easy piqa hellaswag --limit 500 --limits lambada_openai=500 hellaswag=200 --threads 1":
+        "python -m search.study confirm runs/smollm2-confirm-25 --config studies/smollm2-135m.yaml --masks "
+        "studies/results/smollm2-135m-two-domains/confirm-masks.csv --tasks copa --limit 2 --variants dense --threads 1",
     "python -m search.study run studies/smollm2-135m.yaml --no-progress":
         "python -m search.study run studies/smollm2-135m.yaml --no-progress --dry-run --output-dir runs/dry",
     "python -m search.study run studies/smollm2-135m-sleb-evolutionary.yaml --no-progress":
@@ -85,7 +94,7 @@ SMALL = {
         "studies/tinystories-l12-compare.yaml --no-progress --limit 2 --steps 1",
     "python -m search.study confirm runs/smollm2-135m --config studies/smollm2-135m.yaml --budgets 0.25 --no-progress":
         "python -m search.study confirm runs/smollm2-135m --config studies/smollm2-135m.yaml --budgets 0.25 "
-        "--no-progress --limit 2 --steps 1",
+        "--no-progress --tasks copa --limit 2 --steps 1",
     "python -m search.study bench /tmp/lat/ex25 --against studies/assets/models/tinystories-l12 --threads 1 "
     "--batch-size 8 --seq-len 256 --repeats 9":
         "python -m search.study bench /tmp/lat/ex25 --against studies/assets/models/tinystories-l12 --threads 1 "
