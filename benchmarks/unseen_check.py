@@ -28,6 +28,7 @@ import torch.nn.functional as F
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.independent_ppl import windows  # noqa: E402  (the same evenly spread windows)
 from surgery.cli import Parser, output_file, positive_int, run_cli  # noqa: E402
 
 ASSETS = ROOT / "studies" / "assets"
@@ -46,14 +47,6 @@ def read_text(spec: str) -> tuple[str, str]:
     name, _, where = spec.partition("=")
     path, field = where.rsplit(":", 1) if ".jsonl:" in where else (where, "text")
     return name, load_text(TextSource(files=(path,), field=field))
-
-
-def windows(text: str, tokenizer, count: int, length: int) -> torch.Tensor:
-    ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"])
-    if len(ids) < count * length:
-        raise SystemExit(f"text too short for {count} x {length} tokens ({len(ids)} tokens)")
-    starts = torch.linspace(0, len(ids) - length, count).long()
-    return torch.stack([ids[s : s + length] for s in starts.tolist()])
 
 
 @torch.no_grad()
