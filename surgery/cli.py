@@ -120,17 +120,25 @@ def output_dir(text: str) -> Path:
     return _output_path(text, folder=True)
 
 
-def disk_full(error: BaseException) -> bool:
-    """True when ``error`` (or what caused it) says the disk or the file-size limit is full."""
+def _chain(error: BaseException | None) -> Iterator[BaseException]:
+    """``error`` and the exceptions it was raised from or while handling, newest first (each once)."""
     seen: set[int] = set()
     while error is not None and id(error) not in seen:
         seen.add(id(error))
-        if isinstance(error, OSError) and error.errno in DISK_FULL_ERRNOS:
-            return True
-        if any(text in str(error).lower() for text in DISK_FULL_TEXT):
-            return True
+        yield error
         error = error.__cause__ or error.__context__
-    return False
+
+
+def disk_full(error: BaseException) -> bool:
+    """True when ``error`` (or what caused it) says the disk or the file-size limit is full."""
+    return any((isinstance(e, OSError) and e.errno in DISK_FULL_ERRNOS)
+               or any(text in str(e).lower() for text in DISK_FULL_TEXT) for e in _chain(error))
+
+
+def interruption(error: BaseException) -> Interrupted | None:
+    """The :class:`Interrupted` behind ``error``: a library's ``finally`` block can replace the signal's exception
+    with one of its own (Optuna's trial bookkeeping raises ``UnboundLocalError`` when a signal lands in it)."""
+    return next((e for e in _chain(error) if isinstance(e, Interrupted)), None)
 
 
 @contextlib.contextmanager
@@ -151,8 +159,16 @@ def interrupts_raise() -> Iterator[None]:
             signal.signal(sig, old)
 
 
+def _stopped(stop: Interrupted) -> int:
+    """Tell the user the command stopped cleanly; the exit code a shell gives a process ended by that signal."""
+    print(f"interrupted by {stop}: nothing half-written was left; run the same command again to continue",
+          file=sys.stderr)
+    return 128 + stop.signum
+
+
 def run_cli(command: Callable[[], int]) -> int:
-    """Run ``command``; user errors and a full disk become one ``error:`` line and exit code 2."""
+    """Run ``command``; user errors and a full disk become one ``error:`` line and exit code 2, a signal 128 + its
+    number."""
     with interrupts_raise():
         try:
             return command()
@@ -160,10 +176,11 @@ def run_cli(command: Callable[[], int]) -> int:
             print(f"error: {error}", file=sys.stderr)
             return 2
         except Interrupted as stop:
-            print(f"interrupted by {stop}: nothing half-written was left; run the same command again to continue",
-                  file=sys.stderr)
-            return 128 + stop.signum
-        except Exception as error:  # noqa: BLE001 - only a full disk is turned into a message; the rest re-raised
+            return _stopped(stop)
+        except Exception as error:  # noqa: BLE001 - only a stop or a full disk become a message; the rest re-raised
+            stop = interruption(error)
+            if stop is not None:
+                return _stopped(stop)
             if not disk_full(error):
                 raise
             where = getattr(error, "filename", None)

@@ -112,7 +112,8 @@ def test_run_then_confirm_from_the_command_line(tmp_path, capsys):
     study_dir = tmp_path / "study"
     assert cli(["confirm", str(study_dir), "--top", "1", "--no-progress"]) == 0
     frame = pd.read_csv(study_dir / "confirm" / "confirm.csv")
-    assert len(frame) == 2 and (frame["status"] == "ok").all() and frame["healed"].notna().all()
+    assert (frame["status"] == "ok").all() and frame["healed"].notna().all()
+    assert sorted(frame["kind"]) == ["heldout", "task", "task"]  # one row per task plus held-out perplexity
     assert cli(["confirm", str(study_dir), "--tasks", "tinystory_ppl", "--no-progress"]) == 2
     assert "did you mean 'tinystories_ppl'" in capsys.readouterr().err
 

@@ -9,7 +9,7 @@ import optuna
 import pytest
 
 from search.record import PENALTY
-from surgery.cli import Interrupted
+from surgery.cli import Interrupted, run_cli
 from tests.strategy_runs import make_context, make_scorer, run_strategy
 
 SETTINGS = {
@@ -85,6 +85,33 @@ def test_interrupted_sampler_resumes_exactly(tmp_path, scored, strategy, stop_at
     assert rename(_working(resumed)) == _working(reference)  # same trials, numbers, params and values
     assert all(row[2] == "COMPLETE" for row in _working(resumed))  # none left RUNNING
     assert _main(resumed) == _main(reference)
+
+
+def test_signal_inside_optunas_trial_bookkeeping_exits_as_interrupted_and_resumes(tmp_path, scored, monkeypatch,
+                                                                                    capsys):
+    """A signal landing while Optuna records a trial's result: Optuna's ``finally`` replaces our exception with an
+    ``UnboundLocalError``; the command still exits 128 + SIGTERM with its one message, and a re-run is exact."""
+    scorer, costs = scored
+    reference = _seeded(tmp_path, scorer, costs, "reference")
+    _, _, expected = run_strategy(reference, "tpe", **SETTINGS["tpe"])
+
+    stopped = _seeded(tmp_path, scorer, costs, "stopped")
+    original, count = optuna.storages.RDBStorage.set_trial_state_values, [0]
+
+    def set_state(self, trial_id, state, values=None):
+        count[0] += 1
+        if count[0] == 4 and state.is_finished():
+            raise Interrupted(signal.SIGTERM)
+        return original(self, trial_id, state, values)
+
+    monkeypatch.setattr(optuna.storages.RDBStorage, "set_trial_state_values", set_state)
+    assert run_cli(lambda: run_strategy(stopped, "tpe", **SETTINGS["tpe"])) == 128 + signal.SIGTERM
+    assert capsys.readouterr().err.startswith("interrupted by SIGTERM")
+    monkeypatch.undo()
+
+    resumed = make_context(tmp_path, scorer, costs, TARGETS, name="stopped")
+    assert run_strategy(resumed, "tpe", **SETTINGS["tpe"])[2] == expected
+    assert all(row[2] == "COMPLETE" for row in _working(resumed))
 
 
 def test_penalised_trials_are_counted_like_any_other(tmp_path, scored):

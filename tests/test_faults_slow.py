@@ -64,7 +64,7 @@ def test_signal_inside_a_sampler_then_rerun_equals_uninterrupted(tmp_path, refer
     assert process.poll() is None, "the study finished before it could be stopped"
     os.kill(process.pid, sig)
     _, err = process.communicate(timeout=60)
-    assert process.returncode == (-9 if sig == signal.SIGKILL else 128 + sig)
+    assert process.returncode == (-9 if sig == signal.SIGKILL else 128 + sig), err
     if sig != signal.SIGKILL:
         assert f"interrupted by {sig.name}" in err and "Traceback" not in err, err
     assert "summary.md" not in os.listdir(out)
