@@ -7,47 +7,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from surgery.errors import UserError
+
+from objectives.text_source import DataError, TextSource  # noqa: F401 - part of this module's interface
 from surgery.files import read_utf8
-
-
-class DataError(UserError):
-    """Text that cannot be loaded or is too short for the batch asked of it."""
-
-
-@dataclass(frozen=True)
-class TextSource:
-    """Where text comes from: local files (.txt or .jsonl with ``field``) or an HF dataset name.
-
-    ``start``/``end`` select a fraction of the characters, so calibration and held-out text can be disjoint
-    slices of one file.
-    """
-
-    files: tuple[str, ...] = ()
-    dataset: str | None = None
-    dataset_config: str | None = None
-    split: str = "train"
-    field: str = "text"
-    start: float = 0.0
-    end: float = 1.0
-
-    @classmethod
-    def parse(cls, spec: str) -> "TextSource":
-        """``PATH`` or ``PATH:START:END`` (fractions of the file's characters) as a source of that slice."""
-        path, start, end = spec, 0.0, 1.0
-        head, *cut = spec.rsplit(":", 2)
-        if len(cut) == 2:
-            try:
-                path, start, end = head, float(cut[0]), float(cut[1])
-            except ValueError:
-                pass
-        if not 0 <= start < end <= 1:
-            raise DataError(f"text {spec!r}: START:END must be fractions with 0 <= START < END <= 1")
-        return cls(files=(path,), start=start, end=end)
-
-    def describe(self) -> str:
-        where = ",".join(self.files) if self.files else f"{self.dataset}:{self.dataset_config or ''}:{self.split}"
-        return f"{where}[{self.start:g}:{self.end:g}]"
 
 
 @dataclass(frozen=True)

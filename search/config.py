@@ -10,8 +10,11 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import Field, ValidationError, field_validator
+from pydantic import ConfigDict, Field, ValidationError, field_validator
+
+from objectives.text_source import TextSource
 from search.record import MAIN_STUDY
+from search.storage import url_form_problem
 from search.schema import (  # noqa: F401 - the schema's parts, also read from here
     BATCH_MAX, CACHE_MB_MAX, COUNT_MAX, SEED_MAX, TOKENS_MAX, WORKERS_MAX, ConfigError, Fraction, Section, Seed,
     format_problems, unbounded_numbers, validation_problems,
@@ -26,7 +29,7 @@ MAX_NODES = 100_000  # nodes of the document with every alias expanded
 
 def _no_nul(value):
     """Paths and names: a NUL character is never part of one (the OS would refuse it later, less clearly)."""
-    for text in value if isinstance(value, list) else [value]:
+    for text in value if isinstance(value, (list, tuple)) else [value]:
         if isinstance(text, str) and "\0" in text:
             raise ValueError("contains a NUL character")
     return value
@@ -42,14 +45,13 @@ class ModelSection(Section):
     _names = field_validator("name")(_no_nul)
 
 
-class TextSection(Section):
+class TextSection(Section, TextSource):
+    """Calibration, held-out or validation text: a :class:`TextSource` (files relative to the config file) and the
+    windows drawn from it."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False, frozen=False)
+
     files: list[str] = Field(default_factory=list)  # local .txt / .jsonl, relative to the config file
-    dataset: str | None = None  # HF dataset name (for users with a hub)
-    dataset_config: str | None = None
-    split: str = "train"
-    field: str = "text"
-    start: Fraction = 0.0  # fraction of the characters where the slice starts
-    end: Fraction = 1.0
     num_sequences: int = Field(8, ge=1, le=COUNT_MAX)
     seq_len: int = Field(256, ge=2, le=TOKENS_MAX)
     seed: Seed = 0
@@ -240,18 +242,16 @@ def model_source(config: StudyConfig) -> tuple[str, bool]:
 
 def text_source(config: StudyConfig, section: TextSection):
     """The calibration/held-out section as an ``objectives.calibration.BatchSpec`` with resolved files."""
-    from objectives.calibration import BatchSpec, TextSource
+    from objectives.calibration import BatchSpec
 
-    source = TextSource(
-        files=tuple(str(Path(resolve(config, f)).resolve()) for f in section.files),
-        dataset=section.dataset,
-        dataset_config=section.dataset_config,
-        split=section.split,
-        field=section.field,
-        start=section.start,
-        end=section.end,
-    )
-    return BatchSpec(source, num_sequences=section.num_sequences, seq_len=section.seq_len, seed=section.seed)
+    return BatchSpec(resolved_source(config, section), num_sequences=section.num_sequences, seq_len=section.seq_len,
+                     seed=section.seed)
+
+
+def resolved_source(config: StudyConfig, source: TextSource) -> TextSource:
+    """``source`` as a plain :class:`TextSource` with its files resolved against the config file."""
+    files = tuple(str(Path(resolve(config, f)).resolve()) for f in source.files)
+    return TextSource(**source.model_dump(include=set(TextSource.model_fields)) | {"files": files})
 
 
 def _check_model(config: StudyConfig) -> list[str]:
@@ -420,10 +420,8 @@ def _check_budget(config: StudyConfig) -> list[str]:
 
 
 def _check_storage(config: StudyConfig) -> list[str]:
-    url = config.storage
-    if url is None or "://" in url or url.endswith(".log"):
-        return []
-    return [f"storage: expected an Optuna storage URL (sqlite:///..., postgresql://...) or a journal file ending .log (got {url!r})"]
+    problem = None if config.storage is None else url_form_problem(config.storage)
+    return [problem] if problem else []
 
 
 def _check_sections(config: StudyConfig) -> list[str]:
@@ -480,7 +478,3 @@ def check_config(config: StudyConfig) -> None:
     if problems:
         raise ConfigError(format_problems(config.source, problems))
 
-
-def storage_url(storage: str | None, study_dir: Path | str) -> str:
-    """The study's Optuna storage: the configured URL, else an SQLite file in the study directory."""
-    return storage or f"sqlite:///{Path(study_dir) / 'study.db'}"

@@ -13,31 +13,26 @@ from typing import TYPE_CHECKING, Annotated, Literal
 
 from pydantic import Field, ValidationError
 
+from objectives.text_source import TextSource
 from search.schema import (
     BATCH_MAX, COUNT_MAX, TOKENS_MAX, ConfigError, Section, Seed, format_problems, validation_problems,
 )
 
 if TYPE_CHECKING:
-    from search.commands.heal import HealSettings
     from search.config import StudyConfig
 
+VARIANTS = ("pruned", "repaired", "healed", "repaired_healed")  # what confirm builds from each candidate mask
+LABELS = {"dense": "dense", "pruned": "pruned", "repaired": "repaired", "healed": "LoRA",
+          "repaired_healed": "repaired+LoRA"}
 DEFAULT_TASKS = ["tinystories_ppl", "tinystories_cloze", "tinystories_next"]
 SAMPLES_MAX = 10**9  # samples per benchmark task
 
 
-class CorpusSection(Section):
-    """Healing text: local .txt/.jsonl files or an HF dataset; default: the study's calibration text."""
+class HealSettings(Section):
+    """LoRA and training settings of healing (frozen; the code in ``search.commands.heal`` takes them as they are)."""
 
-    files: list[str] = Field(default_factory=list)
-    dataset: str | None = None
-    dataset_config: str | None = None
-    split: str = "train"
-    field: str = "text"
-    start: float = Field(0.0, ge=0.0, le=1.0)
-    end: float = Field(1.0, ge=0.0, le=1.0)
+    model_config = {**Section.model_config, "frozen": True}
 
-
-class HealSection(Section):
     rank: int = Field(8, ge=1, le=4096)
     alpha: float = Field(16.0, gt=0, le=1e6)
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
@@ -48,17 +43,27 @@ class HealSection(Section):
     warmup: int = Field(10, ge=0, le=COUNT_MAX)
     weight_decay: float = Field(0.0, ge=0.0, le=1e3)
     grad_clip: float = Field(1.0, gt=0, le=1e6)
-    distill: float = Field(0.0, ge=0.0, le=1.0)  # weight of KL to the dense model's logits
+    distill: float = Field(0.0, ge=0.0, le=1.0)  # weight of KL to the dense model's logits; the LM loss gets the rest
     temperature: float = Field(1.0, gt=0, le=1e3)
     quantize: Literal["auto", "4bit", "none"] = "auto"  # auto: QLoRA (4-bit NF4) on CUDA, plain LoRA on CPU
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     seed: Seed = 0
-    corpus: CorpusSection | None = None
+
+
+class HealSection(HealSettings):
+    """``confirm.heal``: the healing settings and the text to heal on."""
+
+    model_config = {**Section.model_config, "frozen": False}
+
+    corpus: TextSource | None = None  # healing text (files relative to the config, else cwd); default: calibration
 
     def settings(self) -> HealSettings:
-        from search.commands.heal import HealSettings  # the healing code's own settings (imports torch)
-
         return HealSettings(**self.model_dump(exclude={"corpus"}))
+
+
+def wanted(repair: str) -> tuple[str, ...]:
+    """The variants measured under a ``confirm.repair`` setting."""
+    return VARIANTS if repair != "none" else ("pruned", "healed")
 
 
 class ConfirmSettings(Section):
@@ -100,8 +105,6 @@ class ConfirmSettings(Section):
 
     def chosen(self) -> list[str]:
         """The models measured by this run: ``variants``, or dense and every variant of the repair setting."""
-        from search.commands.variants import wanted
-
         return [v for v in ("dense", *wanted(self.repair)) if not self.variants or v in self.variants]
 
     def dense_fingerprint(self, identity: dict | None = None) -> str:

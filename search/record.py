@@ -24,6 +24,7 @@ from typing import Any, Iterable
 import optuna
 from optuna.distributions import CategoricalDistribution
 
+from search.storage import open_storage, shown_url, storage_exists
 from search.stored import (HeldoutCache, StrategyRecord, StudyMeta, TrialAttrs, ValidationCache, mask_problem,
                            shape_problem)
 from surgery.errors import UserError
@@ -347,36 +348,10 @@ def strategy_problems(record: StudyRecord | None, entries: Iterable) -> list[str
     return problems
 
 
-# opening a storage -----------------------------------------------------------------------------------------
-def storage_exists(url: str) -> bool:
-    """Whether ``url``'s storage is already there (a local file), so opening it creates nothing new."""
-    from pathlib import Path
-
-    from search.checks import is_journal
-
-    if is_journal(url):
-        return Path(url).is_file()
-    if url.split("://", 1)[0].split("+", 1)[0] == "sqlite":
-        from sqlalchemy.engine import make_url
-
-        return Path(make_url(url).database or "").is_file()
-    return True
-
-
-def open_storage(url: str):
-    """An Optuna storage for ``url``; a plain path ending ``.log`` is a journal file (many processes)."""
-    if url.endswith(".log") and "://" not in url:
-        from optuna.storages.journal import JournalFileBackend, JournalStorage
-
-        return JournalStorage(JournalFileBackend(url))
-    return url
-
-
+# opening a study ---------------------------------------------------------------------------------------------
 def open_record(url: str, *, create: bool = True, name: str = MAIN_STUDY) -> StudyRecord | None:
     """The main study ``name`` in ``url`` (created when ``create``; else None when absent, creating nothing); a
     storage that cannot be reached or read is one :class:`StudyStorageError` naming it."""
-    from search.checks import shown_url
-
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     if not create and not storage_exists(url):
         return None

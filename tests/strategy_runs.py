@@ -9,7 +9,8 @@ from typing import Iterable
 from objectives.budgets import BUDGETS, CostTable
 from objectives.scorer import MaskScorer
 from search.evaluation.context import SearchContext, StrategyRun
-from search.record import MAIN_STUDY, StudyRecord, open_storage
+from search.record import MAIN_STUDY, StudyRecord
+from search.storage import open_storage
 from search.strategies import STRATEGIES, Strategy
 from surgery.mask import KeepMask
 from surgery.masking import masker_for

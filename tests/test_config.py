@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from search.config import ConfigError, check_config, load_config, model_source, storage_url
-from search.record import open_storage
+from search.config import ConfigError, check_config, load_config, model_source
+from search.storage import open_storage, storage_url
 from search.study import main as study_main
 
 ROOT = Path(__file__).resolve().parents[1]

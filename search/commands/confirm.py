@@ -21,7 +21,8 @@ import traceback
 from pathlib import Path
 
 from search.config import StudyConfig, calibration_specs, load_config, model_source, resolve
-from search.confirm_settings import ConfirmSettings, CorpusSection, confirm_settings
+from objectives.text_source import TextSource
+from search.confirm_settings import ConfirmSettings, confirm_settings
 from search.commands.confirm_candidates import (  # noqa: F401 - part of confirm's interface
     Candidate, ConfirmError, pick_candidates, read_masks, study_front,
 )
@@ -31,10 +32,10 @@ from surgery.errors import UserError
 OUT_DIR = "confirm"
 
 
-def corpus_sources(config: StudyConfig, section: CorpusSection | None) -> list:
+def corpus_sources(config: StudyConfig, section: TextSource | None) -> list[TextSource]:
     """The healing TextSources: the corpus section (files relative to the config, else cwd), or every
     calibration part (``calibration`` and each ``extra_calibration``)."""
-    from objectives.calibration import DataError, TextSource
+    from objectives.calibration import DataError
 
     if section is None:
         return [spec.source for spec in calibration_specs(config)]
@@ -45,8 +46,7 @@ def corpus_sources(config: StudyConfig, section: CorpusSection | None) -> list:
         if found is None:
             raise DataError(f"confirm.heal.corpus.files: {name!r} not found (tried {', '.join(map(str, tried))})")
         files.append(str(found.resolve()))
-    return [TextSource(files=tuple(files), dataset=section.dataset, dataset_config=section.dataset_config,
-                       split=section.split, field=section.field, start=section.start, end=section.end)]
+    return [section.model_copy(update={"files": tuple(files)})]
 
 
 # running the candidates ------------------------------------------------------------------------------------
@@ -123,7 +123,7 @@ def main(args: argparse.Namespace) -> int:
     from search.studydir import StudyLock, study_model
 
     study_dir = Path(args.study_dir)
-    record, config = open_study(study_dir, args)
+    study, config = open_study(study_dir, args)
     settings = load_settings(args, config)
     check_tasks(settings.tasks)
     problem = device_problem(f"{config.source}: model.device", config.model.device)
@@ -133,11 +133,11 @@ def main(args: argparse.Namespace) -> int:
     if args.masks:
         candidates = read_masks(Path(args.masks), num_layers(config))
     else:
-        front, size = study_front(study_dir)
+        front, size = study_front(study)
         candidates = pick_candidates(front, size, top_k=settings.top_k, budgets=settings.budgets)
     sources = corpus_sources(config, settings.heal.corpus)
-    if record is not None:
-        _, trust = study_model(study_dir, config, record.meta(), trust_remote_code=args.trust_remote_code)
+    if study is not None:
+        _, trust = study_model(study_dir, config, study.record.meta(), trust_remote_code=args.trust_remote_code)
     elif config.model.trust_remote_code and not args.trust_remote_code:
         raise ConfirmError(f"{config.source} sets model.trust_remote_code: true; pass --trust-remote-code to allow it")
     else:
@@ -149,13 +149,14 @@ def main(args: argparse.Namespace) -> int:
 
 
 def open_study(study_dir: Path, args: argparse.Namespace):
-    """(study record, config): the study in ``study_dir``; or, with ``--masks`` and ``--config`` and no study
-    there, (None, the ``--config`` file) with results written under ``study_dir``."""
-    from search.studydir import load_study_dir
+    """(study, config): the study in ``study_dir`` (:class:`search.studydir.Study`, opened once) and its config;
+    or, with ``--masks`` and ``--config`` and no study there, (None, the ``--config`` file) with results written
+    under ``study_dir``."""
+    from search import studydir
 
     if not args.masks or (study_dir / "config.yaml").is_file():
-        record, _, config = load_study_dir(study_dir)
-        return record, config
+        study = studydir.open_study(study_dir)
+        return study, study.config
     if not args.config:
         raise ConfirmError(f"{study_dir} holds no study (no config.yaml): with --masks, name the study config whose "
                            "model, held-out text and confirm: settings to use with --config")

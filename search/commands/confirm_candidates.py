@@ -32,19 +32,19 @@ class Candidate:
         return f"removed{round(100 * self.removed_fraction):02d}-{digest}"
 
 
-def study_front(study_dir: Path):
-    """(front frame, size metric) of a study; a clear error when it has no completed trials."""
-    from search.studydir import load_study_dir
+def study_front(study) -> tuple[pd.DataFrame, str]:
+    """(front frame, size metric) of an opened study (:class:`search.studydir.Study`); a clear error when it has no
+    completed trials."""
     from search.studydir.reader import front_frame, read_study
 
-    record, _, _ = load_study_dir(study_dir)
-    if not record.evaluations():
-        raise ConfirmError(f"{study_dir}: the study has no completed trials; run `python -m search.study run` first")
-    data = read_study(study_dir)
+    if not study.record.evaluations():
+        raise ConfirmError(f"{study.directory}: the study has no completed trials; run `python -m search.study run` "
+                           "first")
+    data = read_study(study)
     front = front_frame(data)
     front = front[front["mask"] != data.dense_mask] if not front.empty else front
     if front.empty:
-        raise ConfirmError(f"{study_dir}: the study's front holds no pruned mask scored on held-out text")
+        raise ConfirmError(f"{study.directory}: the study's front holds no pruned mask scored on held-out text")
     return front, data.size_metric
 
 

@@ -12,55 +12,19 @@ import copy
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Literal
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from objectives.calibration import DataError, TextSource, load_text, tokenize
+from search.confirm_settings import HealSettings  # noqa: F401 - the settings this module trains with
 from surgery.families import family_for
 from surgery.errors import UserError
 
 class HealError(UserError):
     """Healing settings or data that cannot be used."""
-
-
-@dataclass(frozen=True)
-class HealSettings:
-    """LoRA and training settings (keyword-only, validated on construction)."""
-
-    rank: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.0
-    steps: int = 100
-    lr: float = 2e-3
-    batch_size: int = 8
-    seq_len: int = 256
-    warmup: int = 10
-    weight_decay: float = 0.0
-    grad_clip: float = 1.0
-    distill: float = 0.0  # weight of the KL-to-dense loss; the LM loss gets 1 - distill
-    temperature: float = 1.0
-    quantize: Literal["auto", "4bit", "none"] = "auto"
-    dtype: Literal["auto", "float32", "bfloat16"] = "auto"
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        positive = ("rank", "steps", "batch_size", "lr", "alpha", "temperature")
-        bad = [f"{k}={getattr(self, k)!r} (must be > 0)" for k in positive if not getattr(self, k) > 0]
-        if self.seq_len < 2:
-            bad.append(f"seq_len={self.seq_len!r} (must be >= 2)")
-        if not 0.0 <= self.distill <= 1.0:
-            bad.append(f"distill={self.distill!r} (must be in [0, 1])")
-        if not 0.0 <= self.dropout < 1.0:
-            bad.append(f"dropout={self.dropout!r} (must be in [0, 1))")
-        if self.quantize not in ("auto", "4bit", "none"):
-            bad.append(f"quantize={self.quantize!r} (auto, 4bit or none)")
-        if self.dtype not in ("auto", "float32", "bfloat16"):
-            bad.append(f"dtype={self.dtype!r} (auto, float32 or bfloat16)")
-        if bad:
-            raise HealError("bad heal settings: " + "; ".join(bad))
 
 
 @dataclass

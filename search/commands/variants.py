@@ -19,17 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from search.confirm_settings import LABELS, VARIANTS, wanted  # noqa: F401 - part of this module's interface
 from surgery.files import atomic_write_text
-
-VARIANTS = ("pruned", "repaired", "healed", "repaired_healed")
-LABELS = {"dense": "dense", "pruned": "pruned", "repaired": "repaired", "healed": "LoRA",
-          "repaired_healed": "repaired+LoRA"}
-
-
-def wanted(repair: str) -> tuple[str, ...]:
-    """The variants measured under a ``confirm.repair`` setting."""
-    return VARIANTS if repair != "none" else ("pruned", "healed")
-
 
 @dataclass
 class Context:

@@ -8,7 +8,7 @@ from search.studydir.fingerprint import (
     FINGERPRINT_VERSION, check_resume, fingerprint, fingerprint_problems, model_digest, model_files, model_identity,
     study_model, text_identity,
 )
-from search.studydir.opened import Study, load_study_dir, open_study
+from search.studydir.opened import Study, open_study
 from search.studydir.ownership import (
     CONFIG_COPY, LOCK_INFO, OWN_NAMES, StudyDirError, StudyLock, is_study_dir, make_dirs, output_dir_problem,
     remove_if_empty, remove_stale_temporaries, storage_change_problem,
@@ -16,7 +16,7 @@ from search.studydir.ownership import (
 
 __all__ = [
     "CONFIG_COPY", "FINGERPRINT_VERSION", "LOCK_INFO", "OWN_NAMES", "StrategyRecord", "Study", "StudyDirError",
-    "StudyLock", "StudyMeta", "check_resume", "fingerprint", "fingerprint_problems", "is_study_dir", "load_study_dir",
+    "StudyLock", "StudyMeta", "check_resume", "fingerprint", "fingerprint_problems", "is_study_dir",
     "make_dirs", "model_digest", "model_files", "model_identity", "open_study", "output_dir_problem",
     "remove_if_empty", "remove_stale_temporaries", "storage_change_problem", "study_model", "text_identity",
 ]

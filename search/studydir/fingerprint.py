@@ -125,7 +125,7 @@ def check_resume(record, current: dict, where: Path, source, url: str) -> None:
     """Refuse to resume a study (a ``search.record.StudyRecord``, or None) made with other settings (every
     difference named), before anything is written. A new output directory whose storage ``url`` already holds
     a study of that name is told to name its own study."""
-    from search.checks import shown_url
+    from search.storage import shown_url
     from search.config import ConfigError, format_problems
 
     stored = None if record is None else record.fingerprint()

@@ -5,8 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from search.config import StudyConfig, load_config, storage_url
+from search.config import StudyConfig, load_config
 from search.record import StudyRecord, open_record
+from search.storage import storage_problems, storage_url
 from search.stored import StrategyRecord, StudyMeta
 from search.studydir.ownership import CONFIG_COPY, StudyDirError
 
@@ -34,8 +35,6 @@ class Study:
 def open_study(study_dir: Path | str) -> Study:
     """The study of a directory ``run`` wrote: its config copy read and its storage opened once, every stored
     attribute checked (a damaged one is one message naming it)."""
-    from search.checks import storage_problems
-
     study_dir = Path(study_dir)
     copy = study_dir / CONFIG_COPY
     if not study_dir.is_dir():
@@ -53,9 +52,3 @@ def open_study(study_dir: Path | str) -> Study:
         raise StudyDirError(f"{study_dir}: no study {config.study_name!r} in {url} (run `search.study run` first)")
     record.check_stored()
     return Study(study_dir, config, url, record)
-
-
-def load_study_dir(study_dir: Path | str) -> tuple[StudyRecord, str, StudyConfig]:
-    """(study record, storage URL, config) of a study directory: :func:`open_study` as a tuple."""
-    study = open_study(study_dir)
-    return study.record, study.url, study.config

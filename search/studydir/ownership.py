@@ -155,8 +155,8 @@ def remove_stale_temporaries(directory: Path) -> list[Path]:
 def storage_change_problem(out: Path, url: str, name: str) -> str | None:
     """A study directory keeps its storage and study name: a config naming others would leave the stored study
     behind."""
-    from search.checks import absolute_storage, shown_url
-    from search.config import ConfigError, load_config, storage_url
+    from search.config import ConfigError, load_config
+    from search.storage import absolute_storage, shown_url, storage_url
 
     copy = Path(out) / CONFIG_COPY
     if not copy.is_file():

@@ -24,9 +24,10 @@ from search.commands.run.plan import (
     Prepared, build_cost, describe_plan, environment_problems, measured_names, prepare, probe, save_config_copy,
 )
 from search.config import (
-    ConfigError, StudyConfig, config_problems, format_problems, load_config, model_source, storage_url,
+    ConfigError, StudyConfig, config_problems, format_problems, load_config, model_source,
 )
 from search import studydir
+from search.storage import storage_url
 from search.evaluation.context import SearchContext
 from search.record import PRIMARY_COLUMN, StudyInUseError, StudyRecord, open_record, strategy_problems
 from search.selection import finish_on_validation

@@ -12,7 +12,8 @@ import yaml
 
 from objectives.budgets import BUDGETS, BudgetError, CostTable
 from objectives.calibration import DataError, interleave, token_batch
-from search.checks import absolute_storage, device_problem, positions_problems, storage_problems
+from search.checks import device_problem, positions_problems
+from search.storage import absolute_storage, storage_problems, storage_url
 from search.config import (
     ConfigError,
     StudyConfig,
@@ -20,7 +21,6 @@ from search.config import (
     format_problems,
     heldout_sets,
     model_source,
-    storage_url,
     text_source,
     validation_sections,
 )
