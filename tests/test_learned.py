@@ -188,10 +188,10 @@ def test_deterministic_with_seed(ctx):
     ],
 )
 def test_bad_settings_name_the_setting(settings, name):
-    with pytest.raises(StrategySettingsError, match=rf"setting '{name}' must be"):
+    with pytest.raises(StrategySettingsError, match=rf"setting '{name}': input should be"):
         LearnedMasks(**settings)
 
 
 def test_unknown_setting_is_a_clear_error():
-    with pytest.raises(StrategySettingsError, match="learned.*temprature"):
+    with pytest.raises(StrategySettingsError, match="learned.*'temprature'; did you mean 'temperature'"):
         STRATEGIES.get("learned").from_settings({"temprature": 1.0})

@@ -1,13 +1,12 @@
-"""Helpers shared by the strategy modules: settings checks, budget bookkeeping, paths of removals."""
+"""Helpers shared by the strategy modules: setting types, budget bookkeeping, paths of removals."""
 
 from __future__ import annotations
 
-import math
-from typing import TYPE_CHECKING, Iterable, Sequence
+from typing import TYPE_CHECKING, Annotated, Iterable, Sequence
+
+from pydantic import Field, Strict
 
 from surgery.mask import KeepMask
-
-from .base import StrategySettingsError
 
 if TYPE_CHECKING:
     from search.evaluation.context import StrategyRun
@@ -20,47 +19,18 @@ INT_MAX = 10_000_000  # every whole-number setting's upper bound (trials, genera
 SEED_MAX = 2**32 - 1  # a ``seed`` setting's
 
 
-def check_int(name: str, value, *, minimum: int = 1, allow_none: bool = False) -> int | None:
-    """An integer in [minimum, INT_MAX] ([0, SEED_MAX] for ``seed``), or None when allowed."""
-    if value is None and allow_none:
-        return None
-    maximum = SEED_MAX if name == "seed" else INT_MAX
-    if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= maximum:
-        raise StrategySettingsError(f"setting {name!r} must be an integer in [{minimum}, {maximum}], got {value!r}")
-    return value
+# Setting types: a strategy's keyword-only ``__init__`` parameters are annotated with these (or a ``Literal`` of
+# choices), and ``base.Strategy`` validates every call with pydantic (bools are not numbers, numbers are finite).
+Count = Annotated[int, Strict(), Field(ge=1, le=INT_MAX)]
+CountOrZero = Annotated[int, Strict(), Field(ge=0, le=INT_MAX)]
+Population = Annotated[int, Strict(), Field(ge=2, le=INT_MAX)]
+Seed = Annotated[int, Strict(), Field(ge=0, le=SEED_MAX)] | None  # None: the study seed
+Fraction = Annotated[float, Strict(), Field(ge=0.0, lt=1.0)]  # [0, 1)
+ClosedFraction = Annotated[float, Strict(), Field(ge=0.0, le=1.0)]  # [0, 1]
+Positive = Annotated[float, Strict(), Field(gt=0.0, allow_inf_nan=False)]
+Flag = Annotated[bool, Strict()]
 
 
-def check_fraction(name: str, value, *, upper: float = 1.0, closed: bool = False) -> float:
-    """A number in [0, upper), or [0, upper] when ``closed``."""
-    number = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if not number or not (0.0 <= value <= upper if closed else 0.0 <= value < upper):
-        interval = f"[0, {upper:g}]" if closed else f"[0, {upper:g})"
-        raise StrategySettingsError(f"setting {name!r} must be a number in {interval}, got {value!r}")
-    return float(value)
-
-
-def check_positive(name: str, value, *, allow_none: bool = False) -> float | None:
-    """A finite number > 0 (or None when allowed)."""
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value < math.inf:
-        raise StrategySettingsError(f"setting {name!r} must be a positive number, got {value!r}")
-    return float(value)
-
-
-def check_choice(name: str, value, choices: Sequence[str]) -> str:
-    if value not in choices:
-        raise StrategySettingsError(f"setting {name!r} must be one of {', '.join(choices)}; got {value!r}")
-    return value
-
-
-def check_bool(name: str, value) -> bool:
-    if not isinstance(value, bool):
-        raise StrategySettingsError(f"setting {name!r} must be true or false, got {value!r}")
-    return value
-
-
-# budgets -------------------------------------------------------------------------------------------------
 def targets(run: StrategyRun) -> list[float]:
     """The run's budget targets, loosest (smallest fraction removed) first."""
     return sorted(run.targets)

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 from abc import ABC, abstractmethod
 from typing import TYPE_CHECKING, ClassVar
 
-from objectives.registry import Registry
+from pydantic import ConfigDict, ValidationError, validate_call
+
+from objectives.registry import Registry, did_you_mean
 from surgery.errors import UserError
 from surgery.mask import KeepMask
 
@@ -17,11 +21,42 @@ class StrategySettingsError(UserError):
     """A strategy setting with a bad value (the message names the setting)."""
 
 
+def settings_message(strategy: str, known: list[str], error: ValidationError) -> str:
+    """One line naming every bad setting of ``strategy``, its value and what it must be."""
+    parts = []
+    for item in error.errors():
+        key = ".".join(str(part) for part in item["loc"])
+        if item["type"] == "unexpected_keyword_argument":
+            hint = did_you_mean(key, known, list_known=False)
+            parts.append(f"unknown setting {key!r}{hint} (its settings: {', '.join(known) or 'none'})")
+        else:
+            message = item["msg"][:1].lower() + item["msg"][1:]
+            parts.append(f"setting {key!r}: {message} (got {item.get('input')!r})")
+    return f"strategy {strategy!r}: " + "; ".join(parts)
+
+
+def _validated(init):
+    """``init`` with its annotated settings validated by pydantic; a bad one is a :class:`StrategySettingsError`."""
+    checked = validate_call(init, config=ConfigDict(allow_inf_nan=False, arbitrary_types_allowed=True))
+    known = [name for name in inspect.signature(init).parameters if name != "self"]
+
+    @functools.wraps(init)
+    def wrapper(self, **settings):
+        try:
+            checked(self, **settings)
+        except ValidationError as error:
+            raise StrategySettingsError(settings_message(type(self).name or type(self).__name__, known, error)) \
+                from None
+
+    return wrapper
+
+
 class Strategy(ABC):
     """Proposes keep-masks; every mask it evaluates goes through ``run.evaluate`` / ``run.evaluate_many``.
 
-    Subclasses take their settings as keyword-only constructor arguments (validated there with the checks of
-    ``_common``, raising :class:`StrategySettingsError`) and implement :meth:`search`, returning the best mask
+    Subclasses take their settings as keyword-only constructor arguments annotated with the setting types of
+    ``_common`` (validated by pydantic on every call, a bad one raising :class:`StrategySettingsError`) and
+    implement :meth:`search`, returning the best mask
     found for each budget target (``None`` where the strategy cannot produce one; say why with ``run.note``).
     What the study needs to know about a method is declared here, not keyed by its name elsewhere:
     ``selection_only``, ``own_objective`` and :meth:`expected_evaluations`.
@@ -37,6 +72,11 @@ class Strategy(ABC):
     #: A published method the project reproduces as a baseline (FinerCut, SLEB, ...); False for the project's own
     #: search. The report compares the best of each group on held-out text.
     seed_method: ClassVar[bool] = False
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if "__init__" in cls.__dict__:
+            cls.__init__ = _validated(cls.__dict__["__init__"])
 
     @abstractmethod
     def search(self, run: StrategyRun) -> dict[float, KeepMask | None]:
@@ -55,10 +95,9 @@ class Strategy(ABC):
 
     @classmethod
     def from_settings(cls, settings: dict) -> Strategy:
-        try:
-            return cls(**settings)
-        except TypeError as error:
-            raise StrategySettingsError(f"strategy {cls.name!r}: {error}") from None
+        """The strategy with the config's ``settings`` (validated: :class:`StrategySettingsError` names each bad
+        one)."""
+        return cls(**settings)
 
 
 STRATEGIES: Registry[type[Strategy]] = Registry("strategy")

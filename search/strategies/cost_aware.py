@@ -17,11 +17,11 @@ first, so no budget is left unused.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 from surgery.mask import KeepMask, sublayer_name
 
-from ._common import Results, argmin, check_int, first_feasible, next_unmet
+from ._common import Count, CountOrZero, Fraction, Results, argmin, first_feasible, next_unmet
 from .base import Strategy, register
 from .greedy import GreedyRemoval
 
@@ -71,11 +71,10 @@ class GreedyPerCost(GreedyRemoval):
 
     selection_only = False  # ranked by damage per cost saved, not by the objective alone: racing does not apply
 
-    def __init__(self, *, exclude_front: float = 0.0, kinds: str = "both", stage_sequences: int = 0,
-                 stage_keep: int = 4):
+    def __init__(self, *, exclude_front: Fraction = 0.0, kinds: Literal["attn", "ffn", "both"] = "both",
+                 stage_sequences: CountOrZero = 0, stage_keep: Count = 4):
         super().__init__(exclude_front=exclude_front, kinds=kinds)
-        self.stage_sequences = check_int("stage_sequences", stage_sequences, minimum=0)
-        self.stage_keep = check_int("stage_keep", stage_keep)
+        self.stage_sequences, self.stage_keep = stage_sequences, stage_keep
 
     def expected_evaluations(self, ctx) -> int:
         """Upper bound: the dense mask, every unit removed, then per target its mask and the refill."""
@@ -114,8 +113,8 @@ class OneShotPerCost(Strategy):
     ``stage_sequences`` > 0 scores the single removals on that many calibration sequences only (not recorded);
     the masks of the removal path are evaluated on the full set."""
 
-    def __init__(self, *, stage_sequences: int = 0):
-        self.stage_sequences = check_int("stage_sequences", stage_sequences, minimum=0)
+    def __init__(self, *, stage_sequences: CountOrZero = 0):
+        self.stage_sequences = stage_sequences
         self.scores: list[float] = []
 
     def expected_evaluations(self, ctx) -> int:

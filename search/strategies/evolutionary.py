@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import random
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 from surgery.mask import KeepMask
 
-from ._common import Results, argmin, check_choice, check_int, known_feasible, note_warm_start, targets
+from ._common import Count, CountOrZero, Results, Seed, argmin, known_feasible, note_warm_start, targets
 from .base import Strategy, register
 
 if TYPE_CHECKING:
@@ -34,21 +34,16 @@ class Evolutionary(Strategy):
     def __init__(
         self,
         *,
-        generations: int = 30,
-        offspring: int = 16,
-        survivors: int = 2,
-        stage_sequences: int = 2,
-        max_swaps: int = 2,
-        init: str = "random",
-        seed: int | None = None,
+        generations: CountOrZero = 30,
+        offspring: Count = 16,
+        survivors: Count = 2,
+        stage_sequences: Count = 2,
+        max_swaps: Count = 2,
+        init: Literal["random", "study"] = "random",
+        seed: Seed = None,
     ):
-        self.generations = check_int("generations", generations, minimum=0)
-        self.offspring = check_int("offspring", offspring)
-        self.survivors = check_int("survivors", survivors)
-        self.stage_sequences = check_int("stage_sequences", stage_sequences)
-        self.max_swaps = check_int("max_swaps", max_swaps)
-        self.init = check_choice("init", init, ("random", "study"))
-        self.seed = check_int("seed", seed, minimum=0, allow_none=True)
+        self.generations, self.offspring, self.survivors = generations, offspring, survivors
+        self.stage_sequences, self.max_swaps, self.init, self.seed = stage_sequences, max_swaps, init, seed
 
     def expected_evaluations(self, ctx) -> int:
         """Upper bound of full evaluations (a small space stops earlier), for progress bars."""

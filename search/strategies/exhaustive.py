@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 
 from surgery.mask import KeepMask
 
-from ._common import Results, argmin, check_int, targets, tightest_met
+from ._common import Count, Results, argmin, targets, tightest_met
 from .base import Strategy, StrategySettingsError, register
 
 if TYPE_CHECKING:
@@ -20,8 +20,8 @@ if TYPE_CHECKING:
 
 @register("exhaustive")
 class Exhaustive(Strategy):
-    def __init__(self, *, max_masks: int = 4096):
-        self.max_masks = check_int("max_masks", max_masks)
+    def __init__(self, *, max_masks: Count = 4096):
+        self.max_masks = max_masks
 
     def expected_evaluations(self, ctx) -> int:
         return 2 ** (2 * ctx.num_layers)  # upper bound: masks meeting no target are skipped

@@ -8,11 +8,11 @@ BlockPruner and SLEB perplexity / calibration loss); the removal order is kept i
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal
 
 from surgery.mask import ATTN, FFN, KeepMask, sublayer_name
 
-from ._common import Results, argmin, check_choice, check_fraction, first_feasible, next_unmet
+from ._common import Fraction, Results, argmin, first_feasible, next_unmet
 from .base import Strategy, register
 
 if TYPE_CHECKING:
@@ -26,9 +26,9 @@ class GreedyRemoval(Strategy):
 
     selection_only = True  # each step keeps only the best removal
 
-    def __init__(self, *, exclude_front: float = 0.0, kinds: str = "both"):
-        self.exclude_front = check_fraction("exclude_front", exclude_front)
-        self.kinds = check_choice("kinds", kinds, tuple(KINDS))
+    def __init__(self, *, exclude_front: Fraction = 0.0, kinds: Literal["attn", "ffn", "both"] = "both"):
+        self.exclude_front = exclude_front
+        self.kinds = kinds
         self.order: list[tuple[int, ...]] = []  # flat sublayer indices removed at each step
 
     def units(self, mask: KeepMask) -> list[tuple[int, ...]]:
@@ -79,7 +79,7 @@ class BlockPruner(GreedyRemoval):
     own_objective = "ppl"
     seed_method = True
 
-    def __init__(self, *, exclude_front: float = 0.0):
+    def __init__(self, *, exclude_front: Fraction = 0.0):
         super().__init__(exclude_front=exclude_front, kinds="both")
 
 
@@ -90,7 +90,7 @@ class SLEB(GreedyRemoval):
     own_objective = "ppl"
     seed_method = True
 
-    def __init__(self, *, exclude_front: float = 0.0):
+    def __init__(self, *, exclude_front: Fraction = 0.0):
         super().__init__(exclude_front=exclude_front, kinds="both")
 
     def units(self, mask: KeepMask) -> list[tuple[int, ...]]:

@@ -43,6 +43,7 @@ from __future__ import annotations
 import math
 from collections import Counter
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 from torch import nn
@@ -54,8 +55,7 @@ from search.evaluation.context import Budget, StrategyRun
 from surgery.gates import SublayerGates, frozen
 from surgery.mask import KeepMask
 
-from ._common import (check_bool, check_choice, check_fraction, check_int, check_positive, known_feasible,
-                      note_warm_start)
+from ._common import ClosedFraction, Count, Flag, Positive, Seed, known_feasible, note_warm_start
 from .base import Strategy, register
 
 STRETCH = (-0.1, 1.1)
@@ -162,32 +162,23 @@ class LearnedMasks(Strategy):
     def __init__(
         self,
         *,
-        steps: int = 60,
-        lr: float = 0.05,
-        temperature: float = 2 / 3,
-        final_temperature: float | None = None,
-        batch: int = 8,
-        warmup: float = 0.5,
-        candidates: int = 8,
-        samples: int = 256,
-        seed: int | None = None,
-        init: str = "uniform",
-        init_scale: float = 2.0,
-        progress: bool = True,
+        steps: Count = 60,
+        lr: Positive = 0.05,
+        temperature: Positive = 2 / 3,
+        final_temperature: Positive | None = None,  # None: no annealing
+        batch: Count = 8,  # calibration sequences per step
+        warmup: ClosedFraction = 0.5,  # fraction of the steps
+        candidates: Count = 8,
+        samples: Count = 256,
+        seed: Seed = None,
+        init: Literal["uniform", "study"] = "uniform",  # study: start from the best known mask
+        init_scale: Positive = 2.0,
+        progress: Flag = True,
     ):
-        self.steps = check_int("steps", steps)
-        self.lr = check_positive("lr", lr)
-        self.temperature = check_positive("temperature", temperature)
-        final = check_positive("final_temperature", final_temperature, allow_none=True)
-        self.final_temperature = self.temperature if final is None else final
-        self.batch = check_int("batch", batch)  # calibration sequences per step
-        self.warmup = check_fraction("warmup", warmup, closed=True)  # fraction of the steps
-        self.candidates = check_int("candidates", candidates)
-        self.samples = check_int("samples", samples)
-        self.seed = check_int("seed", seed, minimum=0, allow_none=True)  # None: the study seed
-        self.progress = check_bool("progress", progress)
-        self.init = check_choice("init", init, ("uniform", "study"))  # study: start from the best known mask
-        self.init_scale = check_positive("init_scale", init_scale)
+        self.steps, self.lr, self.temperature, self.batch = steps, float(lr), float(temperature), batch
+        self.final_temperature = self.temperature if final_temperature is None else float(final_temperature)
+        self.warmup, self.candidates, self.samples, self.seed = float(warmup), candidates, samples, seed
+        self.progress, self.init, self.init_scale = progress, init, float(init_scale)
 
     def expected_evaluations(self, ctx) -> int:
         return self.candidates * len(ctx.targets)

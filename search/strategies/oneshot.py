@@ -11,7 +11,7 @@ import torch
 from objectives.proxy import angular_distances, block_influence
 from surgery.mask import KeepMask
 
-from ._common import Results, check_bool, first_feasible, prefix_path, targets
+from ._common import Flag, Results, first_feasible, prefix_path, targets
 from .base import Strategy, register
 
 if TYPE_CHECKING:
@@ -31,8 +31,8 @@ class Gromov(Strategy):
 
     seed_method = True
 
-    def __init__(self, *, last_token_only: bool = True):
-        self.last_token_only = check_bool("last_token_only", last_token_only)
+    def __init__(self, *, last_token_only: Flag = True):
+        self.last_token_only = last_token_only
         self.distances: dict[int, list[float]] = {}  # n -> distance of the window starting at each layer
 
     def expected_evaluations(self, ctx) -> int:

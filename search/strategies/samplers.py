@@ -20,7 +20,7 @@ from search.record import PENALTY, keep_params, planned_mask, suggest_mask
 from surgery.mask import KeepMask
 
 from .replay import ReplaySampler, finish_running
-from ._common import Results, check_bool, check_int, known_feasible, targets, tightest_met
+from ._common import Count, CountOrZero, Flag, Population, Results, Seed, known_feasible, targets, tightest_met
 from .base import Strategy, register
 
 if TYPE_CHECKING:
@@ -48,10 +48,8 @@ def violation(run: StrategyRun, mask: KeepMask, target: float) -> float:
 class OptunaSampling(Strategy):
     """Shared loop: working studies, warm start, resume, constraint handling."""
 
-    def __init__(self, *, n_trials: int = 150, warm_start: int = 4, seed: int | None = None):
-        self.n_trials = check_int("n_trials", n_trials)
-        self.warm_start = check_int("warm_start", warm_start, minimum=0)
-        self.seed = check_int("seed", seed, minimum=0, allow_none=True)
+    def __init__(self, *, n_trials: Count = 150, warm_start: CountOrZero = 4, seed: Seed = None):
+        self.n_trials, self.warm_start, self.seed = n_trials, warm_start, seed
 
     def sampler(self, seed: int) -> optuna.samplers.BaseSampler:
         raise NotImplementedError
@@ -140,11 +138,10 @@ class PerTargetSampling(OptunaSampling):
 
 @register("tpe")
 class TPE(PerTargetSampling):
-    def __init__(self, *, n_trials: int = 150, warm_start: int = 4, n_startup_trials: int = 20,
-                 multivariate: bool = True, seed: int | None = None):
+    def __init__(self, *, n_trials: Count = 150, warm_start: CountOrZero = 4, n_startup_trials: CountOrZero = 20,
+                 multivariate: Flag = True, seed: Seed = None):
         super().__init__(n_trials=n_trials, warm_start=warm_start, seed=seed)
-        self.n_startup_trials = check_int("n_startup_trials", n_startup_trials, minimum=0)
-        self.multivariate = check_bool("multivariate", multivariate)
+        self.n_startup_trials, self.multivariate = n_startup_trials, multivariate
 
     def sampler(self, seed: int) -> optuna.samplers.BaseSampler:
         return optuna.samplers.TPESampler(
@@ -163,10 +160,10 @@ class NSGA2(OptunaSampling):
     """One multi-objective study (objective, fraction of the dense cost kept); the loosest target is the
     constraint; each target's answer is the best of its trials that meet it."""
 
-    def __init__(self, *, n_trials: int = 400, population_size: int = 40, warm_start: int = 4,
-                 seed: int | None = None):
+    def __init__(self, *, n_trials: Count = 400, population_size: Population = 40, warm_start: CountOrZero = 4,
+                 seed: Seed = None):
         super().__init__(n_trials=n_trials, warm_start=warm_start, seed=seed)
-        self.population_size = check_int("population_size", population_size, minimum=2)
+        self.population_size = population_size
 
     def sampler(self, seed: int) -> optuna.samplers.BaseSampler:
         return optuna.samplers.NSGAIISampler(seed=seed, population_size=self.population_size)
