@@ -3,7 +3,7 @@
 transformers 5.25 renamed the KV-cache argument and output field of every model from ``past_key_values`` to
 ``cache`` (the old names warn until 5.40). Both helpers use whichever name the installed release has, so
 the code above them runs on every release ``pyproject.toml`` allows. Checked on the releases named in
-``tests/test_compat.py``.
+``tests/surgery/test_compat.py``.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Helpers of the fault-injection suite (``tests/test_faults*.py``): file-tree snapshots, refusals, broken models.
+"""Helpers of the fault-injection suite (``tests/search/test_faults*.py``): file-tree snapshots, refusals, broken models.
 
 ``refused`` runs a command in process and asserts what every bad input must give: exit code 2, exactly one
 ``error:`` line naming what is wrong (no traceback), and a file tree identical to the one before (no file
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import yaml
 
-from tests.test_study_cli import ASSETS, MODEL, TEXT, study_config  # noqa: F401 - re-exported for the suites
+from tests.search.test_study_cli import ASSETS, MODEL, TEXT, study_config  # noqa: F401 - re-exported for the suites
 
 PWNED = "PWNED"  # the file a model's own code would write if it ran
 

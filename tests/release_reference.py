@@ -4,7 +4,7 @@
 
 writes, with the installed releases, a sublayer export and a whole-layer export of stories260k into DIR and
 ``reference.json``: the masked model's logits and greedy tokens for a fixed prompt (this package's masking) and
-the versions that wrote them. ``tests/test_release_compat.py`` loads the exports with transformers alone.
+the versions that wrote them. ``tests/project/test_release_compat.py`` loads the exports with transformers alone.
 """
 
 from __future__ import annotations

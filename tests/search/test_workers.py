@@ -22,7 +22,7 @@ from search.evaluation.workers import build_scorer
 from surgery.mask import KeepMask
 from tests.strategy_runs import make_context, run_strategy
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 # A driver on a two-node cluster (ray.cluster_utils: a head and a second node, one CPU each): it imports this
 # checkout through sys.path only, so its workers can import the project only from what Ray ships them.
 CLUSTER_DRIVER = """

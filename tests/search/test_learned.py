@@ -18,7 +18,7 @@ from surgery.mask import KeepMask
 from surgery.masking import masked, masker_for
 from tests.strategy_runs import make_context, run_strategy
 
-ASSETS = Path(__file__).resolve().parents[1] / "studies" / "assets"
+ASSETS = Path(__file__).resolve().parents[2] / "studies" / "assets"
 TARGETS = (0.1, 0.3, 0.5)
 FAST = dict(steps=40, batch=2, progress=False)
 

@@ -6,9 +6,9 @@ import importlib.util
 import re
 from pathlib import Path
 
-from tests.test_study_cli import run_study
+from tests.search.test_study_cli import run_study
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "calibration_kl.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "benchmarks" / "calibration_kl.py"
 
 
 def load_script():

@@ -6,7 +6,7 @@ import pytest
 
 from surgery.mask import KeepMask
 
-from .strategy_runs import make_context, make_scorer, run_strategy
+from tests.strategy_runs import make_context, make_scorer, run_strategy
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ from search.evaluation.workers import build_scorer
 from search.record import PENALTY, planned_mask
 from surgery.mask import KeepMask
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 ASSETS = ROOT / "studies" / "assets"
 MODEL = ASSETS / "models" / "stories260k"
 TEXT = ASSETS / "text" / "tinystories_valid.txt"

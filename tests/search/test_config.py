@@ -11,7 +11,7 @@ from search.config import ConfigError, check_config, load_config, model_source
 from search.storage import open_storage, storage_url
 from search.study import main as study_main
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SHIPPED = sorted((ROOT / "studies").glob("*.yaml"))
 
 

@@ -30,9 +30,9 @@ from surgery.export import export_pruned
 from surgery.load import load_model
 from surgery.mask import KeepMask
 
-from .families import CASES, tiny_model
+from tests.families import CASES, tiny_model
 
-STORIES = Path(__file__).resolve().parents[1] / "studies/assets/models/stories260k"
+STORIES = Path(__file__).resolve().parents[2] / "studies/assets/models/stories260k"
 FAST = dict(batch_size=1, seq_len=8, context=8, warmup=0, repeats=2, decode_steps=1)
 
 

@@ -21,7 +21,7 @@ from surgery.export import main as export_main
 from surgery.export_target import MARKER, foreign_entries
 from tests.faults import MODEL, model_copy, study_config, tree, write_yaml
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 STRATEGIES = [{"name": "shortgpt"},
               {"name": "tpe", "settings": {"n_trials": 40, "n_startup_trials": 5, "seed": 0}},
               {"name": "nsga2", "settings": {"n_trials": 24, "population_size": 6}}]

@@ -11,7 +11,7 @@ import pytest
 from objectives import benchmarks
 from objectives.benchmarks import UnknownTaskError
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 BENCH = ROOT / "studies" / "assets" / "benchmarks"
 LOCAL = {"arc_easy", "arc_challenge", "piqa", "openbookqa", "boolq", "copa", "winogrande", "lambada_openai",
          "hellaswag", "tinystories_ppl", "tinystories_cloze", "tinystories_next"}

@@ -1,4 +1,5 @@
-"""Package layout: no import cycles, a light command-line parser, package data found from an installed copy."""
+"""Package layout: no import cycles, a light command-line parser, package data found from an installed copy, and
+the tests laid out like the packages."""
 
 from __future__ import annotations
 
@@ -9,9 +10,11 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ("search", "surgery", "objectives", "studies")
 HEAVY = ("torch", "transformers", "pandas", "optuna", "peft", "lm_eval", "matplotlib")
+TESTS = ROOT / "tests"
+TEST_FOLDERS = ("search", "surgery", "objectives", "project")  # a package's tests, or what spans the packages
 
 
 def _module_name(path: Path) -> str:
@@ -186,3 +189,19 @@ def test_seams_are_typed_not_probed():
 def test_lower_layers_do_not_import_search():
     graph = import_graph(("surgery", "objectives"), lazy=True)
     assert not any(d.startswith("search") for deps in graph.values() for d in deps)
+
+
+def test_tests_are_laid_out_like_the_packages():
+    """Every test module sits in ``tests/<package>/`` (``project/``: the CLI chain, README, wheel, benchmark scripts,
+    CI); only shared helpers and the root conftest.py stay in ``tests/``. Each folder on the way is a package, so
+    pytest imports ``tests.search.test_x`` and never puts ``tests/`` itself on sys.path, where ``tests/search``
+    would hide the ``search`` package."""
+    modules = sorted(TESTS.rglob("test_*.py"))
+    assert len(modules) > 40
+    assert sorted(p.name for p in TESTS.glob("test_*.py")) == []
+    misplaced = [str(p.relative_to(TESTS)) for p in modules if p.relative_to(TESTS).parts[0] not in TEST_FOLDERS]
+    assert misplaced == []
+    assert all((ROOT / name / "__init__.py").is_file() for name in TEST_FOLDERS if name != "project")
+    folders = {folder for p in modules for folder in p.relative_to(TESTS).parents}
+    assert sorted(str(f) for f in folders if not (TESTS / f / "__init__.py").is_file()) == []
+    assert all(any((TESTS / name).glob("test_*.py")) for name in TEST_FOLDERS)

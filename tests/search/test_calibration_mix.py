@@ -14,7 +14,7 @@ from search.evaluation.workers import build_scorer
 from search.study import main as study_main
 from surgery.load import load_tokenizer
 from surgery.mask import KeepMask
-from tests.test_study_cli import ASSETS, MODEL, TEXT, run_study, study_config, write_config
+from tests.search.test_study_cli import ASSETS, MODEL, TEXT, run_study, study_config, write_config
 
 WIKI = ASSETS / "text" / "wikitext2_test.raw"
 WIKI_PART = {"wiki": {"files": [str(WIKI)], "end": 0.5, "num_sequences": 2, "seq_len": 32, "seed": 0}}

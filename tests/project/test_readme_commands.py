@@ -29,9 +29,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.test_benchmark_scripts import script_env
+from tests.project.test_benchmark_scripts import script_env
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 README = ROOT / "README.md"
 PROGRAMS = ("python", "make", "time")
 LINKED = ("search", "surgery", "objectives", "studies", "benchmarks", "Makefile", "pyproject.toml")

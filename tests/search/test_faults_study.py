@@ -15,7 +15,7 @@ from search.study import main as study_main
 from search.studydir import StudyLock
 from surgery.export import main as export_main
 from tests.faults import MODEL, PWNED, model_copy, refused, remote_code_model, study_config, tree, write_yaml
-from tests.test_study_cli import trial_table
+from tests.search.test_study_cli import trial_table
 
 STRATEGIES = [{"name": "shortgpt"}, {"name": "gromov"}]
 

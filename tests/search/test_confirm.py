@@ -15,7 +15,7 @@ from search.config import ConfigError, load_config
 from search.record import MAIN_STUDY
 from search.study import main as cli
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 ASSETS = ROOT / "studies" / "assets"
 QUICK = {"tasks": ["tinystories_ppl", "tinystories_next"], "limit": 6,
          "heal": {"steps": 3, "batch_size": 2, "seq_len": 64, "rank": 2, "warmup": 0}}

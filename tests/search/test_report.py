@@ -16,7 +16,7 @@ from search.study import main as study_main
 from surgery.load import load_model
 from surgery.mask import KeepMask
 from surgery.masking import masked
-from tests.test_study_cli import MODEL, run_study
+from tests.search.test_study_cli import MODEL, run_study
 
 STRATEGIES = [
     {"name": "greedy_finercut"},

@@ -16,7 +16,7 @@ from surgery.export import main as export_main
 from surgery.gguf_source import GgufError, read_header
 from surgery.load import load_model, load_model_config, looks_local
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TENSOR = (8, 16)  # one float32 tensor: 512 bytes of data
 
 

@@ -125,7 +125,7 @@ def test_confirm_with_a_hub_task_that_cannot_load_here_writes_nothing(tmp_path, 
     before = sorted(p.name for p in out.iterdir())
     offline = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
     done = subprocess.run([sys.executable, "-m", "search.study", "confirm", str(out), "--tasks", task, "--no-progress"],
-                          cwd=Path(__file__).resolve().parents[1], env=offline, capture_output=True, text=True)
+                          cwd=Path(__file__).resolve().parents[2], env=offline, capture_output=True, text=True)
     assert done.returncode == 2, done.stderr[-3000:]
     errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and "Traceback" not in done.stderr, done.stderr[-3000:]

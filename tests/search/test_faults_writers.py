@@ -28,7 +28,7 @@ from search.study import main as study_main
 from tests import postgres
 from tests.faults import refused, study_config, write_yaml
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 STRATEGIES = [{"name": "shortgpt"}, {"name": "tpe", "settings": {"n_trials": 30, "n_startup_trials": 5, "seed": 0}}]
 
 

@@ -17,7 +17,7 @@ from search.record import open_record
 from search.selection import Scored
 from search.study import main as study_main
 from surgery.mask import KeepMask
-from tests.test_study_cli import ASSETS, TEXT, run_study, study_config, write_config
+from tests.search.test_study_cli import ASSETS, TEXT, run_study, study_config, write_config
 
 WIKI = ASSETS / "text" / "wikitext2_test.raw"
 VALIDATION = {

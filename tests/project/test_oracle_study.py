@@ -8,7 +8,7 @@ from pathlib import Path
 import optuna
 import yaml
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / "benchmarks" / "oracle_study.py"
 TEXT = ROOT / "studies" / "assets" / "text" / "tinystories_train_head.txt"
 STUDY = ROOT / "studies" / "stories260k.yaml"

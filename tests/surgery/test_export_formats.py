@@ -61,7 +61,7 @@ def perplexity(logits: np.ndarray, tokens: list[int]) -> float:
 
 @pytest.fixture(scope="module")
 def story_tokens(stories):
-    text = Path(__file__).resolve().parents[1].joinpath("studies/assets/text/tinystories_valid.txt").read_text()
+    text = Path(__file__).resolve().parents[2].joinpath("studies/assets/text/tinystories_valid.txt").read_text()
     return stories[1](text[:2000])["input_ids"][:96]
 
 

@@ -12,7 +12,7 @@ import pytest
 
 from search.study import main as study_main
 from tests.faults import refused
-from tests.test_faults_study import make_study
+from tests.search.test_faults_study import make_study
 
 
 @pytest.fixture(scope="module")
