@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -28,7 +29,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from surgery.cli import Parser, positive_int  # noqa: E402
+from surgery.cli import Parser, output_dir, output_file, positive_int  # noqa: E402
 
 TEXT = ROOT / "studies" / "assets" / "text"
 MODELS = ROOT / "studies" / "assets" / "models"
@@ -173,12 +174,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--init", default="random", choices=["random", "study"], help="evolutionary's start")
     parser.add_argument("--no-greedy", action="store_true", help="skip greedy_finercut (large models)")
     parser.add_argument("--seed-strategies", nargs="*", default=[], help="strategies run first (e.g. shortgpt)")
-    parser.add_argument("--out", default=str(ROOT / "runs" / "repair_aware"), help="study folders and configs")
-    parser.add_argument("--json", help="write the table here (default <out>/repair_aware.json)")
+    parser.add_argument("--out", type=output_dir, help="study folders and configs (default runs/repair_aware; "
+                        "--smoke: a temporary folder)")
+    parser.add_argument("--json", type=output_file, help="write the table here (default <out>/repair_aware.json)")
     parser.add_argument("--smoke", action="store_true", help="stories260k and tiny settings")
     args = parser.parse_args(argv)
     if args.smoke:
         vars(args).update(SMOKE)
+    if args.out is None:
+        args.out = Path(tempfile.mkdtemp(prefix="repair_aware_")) if args.smoke else ROOT / "runs" / "repair_aware"
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     result = measure(args, run_studies(args, out))

@@ -44,6 +44,7 @@ from surgery.mask import ATTN, FFN, KeepMask
 
 _MEMO_LIMIT = 200_000  # (mask, micro-batch) partial sums kept for staged selection
 DEFAULT_STATE_CACHE_MB = 1024
+REPAIR_GROUP = 16  # repair-aware scoring: masks scored through all micro-batches together (their fits stay cached)
 
 
 class EngineError(UserError):
@@ -192,12 +193,16 @@ class PrefixEngine(Evaluator):
         for mask in unique:
             KeepMask(mask).check_layers(len(self.layers))
         totals = dict.fromkeys(unique, 0.0)
+        # repair-aware: a few masks at a time through every micro-batch, so each fit is reused from the scorer's
+        # cache rather than evicted by the rest of the batch (the same sums, in the same order, per mask)
+        step = len(unique) if self.scorer.repair == "none" else REPAIR_GROUP
         previous = self.masker.current
         try:
-            for start in range(0, count, self.scorer.batch_size):
-                size = min(self.scorer.batch_size, count - start)
-                for bits, value in self._score_chunk(unique, start, size).items():
-                    totals[bits] += value
+            for group in (unique[i : i + step] for i in range(0, len(unique), max(1, step))):
+                for start in range(0, count, self.scorer.batch_size):
+                    size = min(self.scorer.batch_size, count - start)
+                    for bits, value in self._score_chunk(group, start, size).items():
+                        totals[bits] += value
         finally:
             self.masker.apply(previous)
         positions = count * self.scorer.positions_per_sequence
