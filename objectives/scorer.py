@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+from collections import OrderedDict
+from contextlib import nullcontext
+
 import torch
 from torch import nn
 
 from surgery.families import family_for, get_path
 from surgery.mask import KeepMask
 from surgery.masking import masker_for
+from surgery.repair import LinearRepair, fit_linear_repair, folded, removed_runs
 
 from .proxy import OBJECTIVES, Objective, Reference
+
+REPAIRS = ("none", "linear")  # how a mask's model is scored: as masked, or with its linear repair folded in
 
 
 class MaskScorer:
@@ -17,6 +23,12 @@ class MaskScorer:
 
     The dense reference is computed once at construction. ``score(mask, sequences=n)`` uses only the first n
     sequences (staged selection scores many candidates cheaply that way).
+
+    ``repair="linear"``: repair-aware scoring. Every mask is scored as the *repaired* masked model: the linear
+    repair of ``surgery.repair`` (``fit_linear_repair``) is fitted for that mask on the first ``repair_sequences``
+    sequences of ``input_ids`` and folded in (``folded``) while it is scored, whatever ``sequences`` it is scored
+    on. Fits are kept per mask (least recently used out past ``repair_cache_mb``) and the dense streams they
+    fit against are computed once; the dense model (no removed run) is scored as it is.
     """
 
     def __init__(
@@ -27,7 +39,14 @@ class MaskScorer:
         *,
         batch_size: int = 8,
         topk: int | None = None,
+        repair: str = "none",
+        repair_sequences: int = 8,
+        repair_cache_mb: float = 256,
     ):
+        if repair not in REPAIRS:
+            raise ValueError(f"repair must be one of {', '.join(REPAIRS)}, got {repair!r}")
+        if repair_sequences < 1:
+            raise ValueError(f"repair_sequences must be >= 1, got {repair_sequences}")
         self.model = model.eval()
         self.masker = masker_for(model)
         self.input_ids = input_ids
@@ -37,6 +56,13 @@ class MaskScorer:
         self.positions_per_sequence = input_ids.shape[1] - 1
         self.forward_count = 0  # model forwards over one micro-batch, for cost accounting
         self.reference = self._reference(topk) if self.objective.needs_reference else None
+        self.repair = repair
+        self.repair_sequences = min(repair_sequences, len(input_ids))
+        self.repair_fits = 0  # masks whose repair was fitted (each fit: one forward per removed run)
+        self._repair_limit = int(repair_cache_mb * 2**20)
+        self._repairs: OrderedDict[tuple[bool, ...], LinearRepair | None] = OrderedDict()
+        self._repair_bytes = 0
+        self._dense_streams: dict[int, torch.Tensor] = {}
 
     @property
     def num_layers(self) -> int:
@@ -64,28 +90,64 @@ class MaskScorer:
         width = self.positions_per_sequence
         return self.reference.slice(slice(start * width, (start + count) * width))
 
+    # repair-aware scoring ---------------------------------------------------------------------------------
+    def repair_for(self, mask: KeepMask) -> LinearRepair | None:
+        """The linear repair ``mask`` is scored with (None: repair off, or nothing to repair)."""
+        if self.repair == "none" or not removed_runs(mask):
+            return None
+        if mask.bits in self._repairs:
+            self._repairs.move_to_end(mask.bits)
+            return self._repairs[mask.bits]
+        ids = self.input_ids[: self.repair_sequences].to(self.device)
+        fit = fit_linear_repair(self.model, mask, ids, dense_streams=self._dense_streams)
+        self.repair_fits += 1
+        size = sum(t.numel() * t.element_size() for t in fit.maps.values())
+        if size <= self._repair_limit:
+            self._repairs[mask.bits] = fit
+            self._repair_bytes += size
+            while self._repair_bytes > self._repair_limit:
+                _, old = self._repairs.popitem(last=False)
+                self._repair_bytes -= sum(t.numel() * t.element_size() for t in old.maps.values())
+        return fit
+
+    def first_repaired(self, mask: KeepMask) -> int:
+        """The first sublayer whose weights repair-aware scoring changes for ``mask`` (its first anchor), or 2L:
+        the residual stream entering any sublayer up to this one is the unrepaired masked model's."""
+        if self.repair == "none":
+            return 2 * mask.num_layers
+        return min((run.anchor for run in removed_runs(mask)), default=2 * mask.num_layers)
+
+    def repaired(self, mask: KeepMask):
+        """A context in which the model is the one ``mask`` is scored as (its repair folded in, if any)."""
+        repair = self.repair_for(mask)
+        return nullcontext(self.model) if repair is None else folded(self.model, repair)
+
+    # scoring -----------------------------------------------------------------------------------------------
     @torch.no_grad()
     def score(self, mask: KeepMask, sequences: int | None = None) -> float:
         """Objective of ``mask`` averaged over positions of the first ``sequences`` sequences."""
         sequences = len(self.input_ids) if sequences is None else min(sequences, len(self.input_ids))
-        self.masker.apply(mask)
-        total = 0.0
-        for start, ids in self._chunks(sequences):
-            logits = self.logits(ids)
-            total += float(self.objective.summed(logits, self.reference_rows(start, len(ids)), ids))
+        with self.repaired(mask):
+            self.masker.apply(mask)
+            total = 0.0
+            for start, ids in self._chunks(sequences):
+                logits = self.logits(ids)
+                total += float(self.objective.summed(logits, self.reference_rows(start, len(ids)), ids))
         return self.objective.finish(total / (sequences * self.positions_per_sequence))
 
     @torch.no_grad()
     def window_values(self, mask: KeepMask) -> list[float]:
         """The objective's mean per position of each sequence, before ``finish`` (e.g. log-perplexity for ppl):
         per-window values, for standard errors and per-domain means."""
-        self.masker.apply(mask)
         values = []
-        for start, ids in self._chunks(len(self.input_ids)):
-            logits = self.logits(ids)
-            for row in range(len(ids)):
-                summed = self.objective.summed(logits[row : row + 1], self.reference_rows(start + row, 1), ids[row : row + 1])
-                values.append(float(summed) / self.positions_per_sequence)
+        with self.repaired(mask):
+            self.masker.apply(mask)
+            for start, ids in self._chunks(len(self.input_ids)):
+                logits = self.logits(ids)
+                for row in range(len(ids)):
+                    summed = self.objective.summed(logits[row : row + 1], self.reference_rows(start + row, 1),
+                                                   ids[row : row + 1])
+                    values.append(float(summed) / self.positions_per_sequence)
         return values
 
     @torch.no_grad()

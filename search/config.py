@@ -107,6 +107,9 @@ class EngineSection(Section):
     stage_sequences: int = Field(2, ge=1, le=COUNT_MAX)
     stage_keep: int = Field(4, ge=1, le=COUNT_MAX)
     racing: bool = False  # exact racing: candidates proven worse than the best are not finished (fewer trials)
+    repair: Literal["none", "linear"] = "none"  # linear: repair-aware scoring, every mask's objective is that of
+    # the masked model with its training-free linear repair (surgery/repair.py) fitted and folded in
+    repair_sequences: int = Field(8, ge=1, le=COUNT_MAX)  # calibration sequences (the batch's first) each fit uses
     select_strategies: list[str] | None = None  # tags racing/staging apply to (empty: all; default: every strategy
     # whose class declares selection_only: greedy_finercut, blockpruner, sleb, evolutionary, under any label)
 

@@ -110,6 +110,10 @@ def _fold(proj: nn.Linear, t: torch.Tensor) -> None:
 
 
 # streams ------------------------------------------------------------------------------------------------------
+class _Captured(Exception):
+    """Raised inside a forward once every stream it was run for is captured (the rest is not computed)."""
+
+
 def _streams(model: nn.Module, family: Family, projections: dict[int, nn.Linear], ids: torch.Tensor,
              boundaries: set[int], anchors: set[int] = frozenset()) -> tuple[dict, dict]:
     """The residual stream entering each sublayer boundary in ``boundaries`` (2L: after the last layer) and the
@@ -131,9 +135,19 @@ def _streams(model: nn.Module, family: Family, projections: dict[int, nn.Linear]
     for sublayer in needed:
         save = keep(outputs, sublayer)
         hooks.append(projections[sublayer].register_forward_hook(lambda m, args, out, save=save: save(out)))
+    # the forward stops once all is captured: on entering the first layer (or the final norm) past what is needed
+    stop = max([b // 2 + b % 2 for b in boundaries] + [a // 2 + 1 for a in needed])
+
+    def halt(*_):
+        raise _Captured
+
+    where = layers[stop] if stop < len(layers) else get_path(model, family.final_norm)
+    hooks.append(where.register_forward_pre_hook(halt))  # after the capturing hooks: they run first
     try:
         with torch.no_grad():
             model(input_ids=ids, use_cache=False)
+    except _Captured:
+        pass
     finally:
         for hook in hooks:
             hook.remove()
@@ -158,18 +172,24 @@ def _solve(m: torch.Tensor, residual: torch.Tensor, ridge: float, weight: torch.
 
 
 def fit_linear_repair(model: nn.Module, mask: KeepMask | str, ids: torch.Tensor, *, ridge: float = 1e-3,
-                      per_token: str = "unit") -> LinearRepair:
+                      per_token: str = "unit", dense_streams: dict[int, torch.Tensor] | None = None) -> LinearRepair:
     """Fit one map per removed run of ``mask`` on calibration tokens ``ids`` (batch x seq); ``model`` is unchanged.
 
     ``per_token="unit"`` weighs each token's error by 1 / |X|^2 (its dense stream's norm), so tokens with huge
-    activations do not dominate and the fit approaches a cosine one; ``"l2"`` weighs all tokens alike."""
+    activations do not dominate and the fit approaches a cosine one; ``"l2"`` weighs all tokens alike.
+    ``dense_streams``: a cache of the dense model's streams on ``ids`` by sublayer boundary, filled as needed and
+    reused by later fits on the same model and ``ids`` (the same tensors a fit without it computes)."""
     family = family_for(model.config)
     mask = KeepMask.parse(mask, len(get_path(model, family.layers))) if isinstance(mask, str) else mask
     runs = removed_runs(mask)
     wanted = {run.anchor for run in runs} | {run.end - 1 for run in runs if run.end % 2}
     projections = _projections(model, family, wanted)  # refused here, before any forward
-    with masked(model, KeepMask.dense(mask.num_layers)):  # the dense model, whatever mask a caller left applied
-        targets, _ = _streams(model, family, projections, ids, {run.end for run in runs})
+    cache = {} if dense_streams is None else dense_streams
+    missing = {run.end for run in runs} - set(cache)
+    if missing:
+        with masked(model, KeepMask.dense(mask.num_layers)):  # the dense model, whatever mask a caller left applied
+            cache.update(_streams(model, family, projections, ids, missing)[0])
+    targets = {run.end: cache[run.end] for run in runs}
     repair = LinearRepair(mask, {}, {})
     for run in runs:
         with folded(model, repair), masked(model, mask):

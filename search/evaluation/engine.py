@@ -13,6 +13,13 @@ mask starts from the deepest cached state of its prefix. In a greedy step, remov
 previous step's candidates ``m - i`` (``i < a``) gives this step's ``m - a - i``, which only has to be
 computed from ``a`` on; over a greedy run this cuts sublayer work from about half the plain loop's to a third.
 
+With repair-aware scoring (``MaskScorer(repair="linear")``), each mask runs with its fitted linear repair folded
+into its anchors (``MaskScorer.repaired``; fits are kept per mask by the scorer). The stream entering a sublayer
+up to the mask's first anchor (``MaskScorer.first_repaired``) is the unrepaired masked model's and depends on the
+prefix bits only, so states are reused and stored there only; past it a state depends on the mask's fitted maps
+(which depend on the whole run after the anchor) and is recomputed for every mask. Values equal
+``fit_linear_repair`` + ``folded`` + the plain loop's.
+
 The layers are called exactly as the model calls them: each layer's arguments (attention mask, position
 embeddings, ...) are captured once from a real dense forward per micro-batch, removed sublayers are the
 masker's stand-ins, and the same micro-batches, reference rows and summation order are used, so results equal
@@ -37,6 +44,7 @@ from surgery.mask import ATTN, FFN, KeepMask
 
 _MEMO_LIMIT = 200_000  # (mask, micro-batch) partial sums kept for staged selection
 DEFAULT_STATE_CACHE_MB = 1024
+REPAIR_GROUP = 16  # repair-aware scoring: masks scored through all micro-batches together (their fits stay cached)
 
 
 class EngineError(UserError):
@@ -185,12 +193,16 @@ class PrefixEngine(Evaluator):
         for mask in unique:
             KeepMask(mask).check_layers(len(self.layers))
         totals = dict.fromkeys(unique, 0.0)
+        # repair-aware: a few masks at a time through every micro-batch, so each fit is reused from the scorer's
+        # cache rather than evicted by the rest of the batch (the same sums, in the same order, per mask)
+        step = len(unique) if self.scorer.repair == "none" else REPAIR_GROUP
         previous = self.masker.current
         try:
-            for start in range(0, count, self.scorer.batch_size):
-                size = min(self.scorer.batch_size, count - start)
-                for bits, value in self._score_chunk(unique, start, size).items():
-                    totals[bits] += value
+            for group in (unique[i : i + step] for i in range(0, len(unique), max(1, step))):
+                for start in range(0, count, self.scorer.batch_size):
+                    size = min(self.scorer.batch_size, count - start)
+                    for bits, value in self._score_chunk(group, start, size).items():
+                        totals[bits] += value
         finally:
             self.masker.apply(previous)
         positions = count * self.scorer.positions_per_sequence
@@ -244,10 +256,13 @@ class PrefixEngine(Evaluator):
             reference = self.scorer.reference_rows(start, size)
             states: dict[tuple[bool, ...], torch.Tensor] = {}  # this batch's branch points, by prefix
             for k, bits in enumerate(todo):
-                begin, hidden = self._start(bits, chunk, states)
-                hidden = self._run(KeepMask(bits), chunk, begin, hidden, states, set(branches[k:]))
-                self.counters.head_forwards += size
-                summed = self.scorer.objective.summed(self._logits(hidden), reference, chunk.ids)
+                mask = KeepMask(bits)
+                limit = self.scorer.first_repaired(mask)  # no state past it is shared with another mask
+                with self.scorer.repaired(mask):
+                    begin, hidden = self._start(bits, chunk, states, limit)
+                    hidden = self._run(mask, chunk, begin, hidden, states, set(branches[k:]), limit)
+                    self.counters.head_forwards += size
+                    summed = self.scorer.objective.summed(self._logits(hidden), reference, chunk.ids)
                 self._remember((bits, start, size), float(summed))
         return {bits: self._memo[(bits, start, size)] for bits in masks}
 
@@ -256,9 +271,10 @@ class PrefixEngine(Evaluator):
             self._memo.clear()
         self._memo[key] = value
 
-    def _start(self, bits: tuple[bool, ...], chunk: _Chunk, states: dict) -> tuple[int, torch.Tensor]:
-        """The deepest boundary of ``bits`` with a known state (this batch's or the cache's), and that state."""
-        for boundary in range(len(bits) - 1, 0, -1):
+    def _start(self, bits: tuple[bool, ...], chunk: _Chunk, states: dict, limit: int) -> tuple[int, torch.Tensor]:
+        """The deepest boundary of ``bits`` up to ``limit`` with a known state (this batch's or the cache's), and
+        that state."""
+        for boundary in range(min(len(bits) - 1, limit), 0, -1):
             state = states.get(bits[:boundary])
             if state is None:
                 state = self.cache.get(chunk.key, bits[:boundary])
@@ -267,12 +283,14 @@ class PrefixEngine(Evaluator):
         return 0, chunk.h0
 
     def _run(self, mask: KeepMask, chunk: _Chunk, begin: int, hidden: torch.Tensor, states: dict,
-             keep_at: set[int]) -> torch.Tensor:
+             keep_at: set[int], limit: int) -> torch.Tensor:
         """Residual stream after the last layer, from ``hidden`` at sublayer boundary ``begin`` on.
 
         States at the boundaries in ``keep_at`` go to ``states`` (later masks of this batch branch there); every
-        layer boundary passed, and every split, also goes to the cross-batch cache.
+        layer boundary passed, and every split, also goes to the cross-batch cache; none past ``limit`` (the
+        mask's first repaired sublayer) is stored anywhere.
         """
+        keep_at = {b for b in keep_at if b <= limit}
         self.masker.apply(mask)
         layer = begin // 2
         if begin % 2:  # entering the FFN of `layer`: finish that layer with its FFN only
@@ -282,13 +300,13 @@ class PrefixEngine(Evaluator):
         for index in range(layer, len(self.layers)):
             if 2 * index in keep_at:
                 states[mask.bits[: 2 * index]] = hidden
-            if 2 * index > begin:
+            if begin < 2 * index <= limit:
                 self.cache.put(chunk.key, mask.bits[: 2 * index], hidden)
             attn, ffn = mask.keeps(index, ATTN), mask.keeps(index, FFN)
             if self.splittable and 2 * index + 1 in keep_at:
                 if attn:
                     hidden = self._call(index, hidden, chunk, mask, only=ATTN)
-                states[mask.bits[: 2 * index + 1]] = hidden
+                states[mask.bits[: 2 * index + 1]] = hidden  # in keep_at: at most limit
                 self.cache.put(chunk.key, mask.bits[: 2 * index + 1], hidden)
                 if ffn:
                     hidden = self._call(index, hidden, chunk, mask, only=FFN)

@@ -27,7 +27,12 @@ def build_scorer(config: StudyConfig, *, device: str | None = None):
     ids = mixed_batch(calibration_specs(config), tokenizer)
     torch.manual_seed(config.seed)
     return MaskScorer(model, ids, config.objective, batch_size=config.reference.batch_size,
-                      topk=config.reference.topk)
+                      topk=config.reference.topk, **scorer_repair(config))
+
+
+def scorer_repair(config: StudyConfig) -> dict:
+    """The MaskScorer keywords of the config's repair-aware scoring (``engine.repair``)."""
+    return {"repair": config.engine.repair, "repair_sequences": config.engine.repair_sequences}
 
 
 def scoring_backend(config: StudyConfig, scorer) -> Evaluator:

@@ -2,7 +2,7 @@
 
 The fingerprint covers the resolved model path and a digest of its config, tokenizer and weights (the file itself
 for a ``.gguf`` model), dtype, device type, calibration and held-out text (digests of the selected characters, and
-the slices), objective, reference, budget and seed: a re-run with another of these is refused before anything is
+the slices), objective, reference, budget, seed and repair-aware scoring (``engine.repair``): a re-run with another of these is refused before anything is
 written.
 """
 
@@ -91,7 +91,16 @@ def fingerprint(config, device_type: str) -> dict:
         "budget": {"metric": config.budget.metric, "targets": list(config.budget.targets),
                    "constraints": dict(config.budget.constraints)},
         "seed": config.seed,
+        **repair_identity(config),  # absent without repair-aware scoring: older studies keep resuming
     }
+
+
+def repair_identity(config) -> dict:
+    """``{"repair": ...}`` when masks are scored after their linear repair (``engine.repair``), else empty."""
+    engine = config.engine
+    if engine.repair == "none":
+        return {}
+    return {"repair": {"method": engine.repair, "sequences": engine.repair_sequences}}
 
 
 def _flat(data, prefix: str = "") -> dict:

@@ -123,12 +123,23 @@ def _dense_heldout_text(data: StudyData) -> str:
     return ", ".join(parts)
 
 
+def _repair_lines(meta) -> list[str]:
+    """The summary's note on repair-aware scoring (``engine.repair``), empty without it."""
+    repair = (meta.fingerprint or {}).get("repair")
+    if not isinstance(repair, dict):
+        return []
+    return [f"Repair-aware scoring: every calibration objective is that of the masked model after its "
+            f"`{repair.get('method')}` repair, fitted on {repair.get('sequences')} calibration sequences; held-out "
+            "and validation perplexities are of the masked model without repair.", ""]
+
+
 def summary_markdown(data: StudyData, results: pd.DataFrame, front: pd.DataFrame) -> str:
     meta, metric = data.meta, data.meta.budget_metric
     lines = [f"# Study {data.study_dir}", "",
              f"model `{meta.model}`, {meta.num_layers} layers; objective `{meta.objective}` on calibration "
              f"text; budget `{metric}` (dense {meta.dense[metric]:g} {meta.units.get(metric, '')}); "
              f"{len(data.trials)} trials. Dense model: held-out perplexity {_dense_heldout_text(data)}.", "",
+             *_repair_lines(meta),
              "## Strategies", "", _md_table(_strategy_table(data, results)), ""]
     for target, group in results.groupby("target", sort=True):
         limit = (1 - target) * meta.dense[metric]

@@ -141,10 +141,11 @@ def _context(config: StudyConfig, record: StudyRecord, model, prepared: Prepared
     """The search context: the calibration scorer, the budget and other costs, the record and the evaluator."""
     from objectives.scorer import MaskScorer
     from search.evaluation.executors import context_options
+    from search.evaluation.workers import scorer_repair
 
     torch.manual_seed(config.seed)
     scorer = MaskScorer(model, prepared.calibration, config.objective,
-                        batch_size=config.reference.batch_size, topk=config.reference.topk)
+                        batch_size=config.reference.batch_size, topk=config.reference.topk, **scorer_repair(config))
     costs = prepared.costs
     return SearchContext(
         scorer=scorer, costs=costs[config.budget.metric], targets=tuple(config.budget.targets), record=record,
