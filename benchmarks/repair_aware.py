@@ -4,15 +4,17 @@
     python benchmarks/repair_aware.py --smoke               # seconds: stories260k, tiny settings
     python benchmarks/repair_aware.py --model studies/assets/models/smollm2-135m-instruct/SmolLM2-135M-Instruct.Q4_1.gguf \
         --dtype bfloat16 --no-greedy --seed-strategies shortgpt gromov --init study --generations 4 --offspring 8 \
-        --calibration studies/assets/text/wikitext2_test.raw:0:0.5 --heldout studies/assets/text/wikitext2_valid.tokens \
-        --out runs/repair_aware_smollm2
+        --fit-sequences 32 --sequences 8 --calibration studies/assets/text/wikitext2_test.raw:0:0.5 \
+        --heldout studies/assets/text/wikitext2_valid.tokens --out runs/repair_aware_smollm2_xfit
 
 Two studies are run with the study machinery (``python -m search.study run`` on a config written under ``--out``),
-the same in everything but ``engine.repair``: ``none`` (masks scored as masked) and ``linear`` (repair-aware: each
-mask scored after its linear repair, fitted on all ``--sequences`` calibration windows). Then for every mask a
-strategy picked at each target it reports the calibration objective and the held-out perplexity (``--heldout``,
-text disjoint from calibration) of (a) the pruned model and (b) the repaired model, the repair fitted on the same
-calibration windows, and whether the two scorings picked different masks. Prints one markdown table and writes
+the same in everything but ``engine.repair``, on one calibration batch of ``--fit-sequences`` + ``--sequences``
+windows: ``none`` (masks scored as masked, on all of them) and ``linear`` (repair-aware, cross-fitted: each mask
+scored after its linear repair, fitted on the batch's first ``--fit-sequences`` windows, on the other
+``--sequences`` windows only). Then for every mask a strategy picked at each target it reports the calibration
+objective on the scored windows and the held-out perplexity (``--heldout``, text disjoint from calibration) of
+(a) the pruned model and (b) the repaired model, the repair fitted on the fit windows, and whether the two
+scorings picked different masks. Prints one markdown table and writes
 it, with the wall times and evaluation counts, as JSON (``--json``, default ``<out>/repair_aware.json``).
 """
 
@@ -33,8 +35,8 @@ from surgery.cli import Parser, output_dir, output_file, positive_int  # noqa: E
 
 TEXT = ROOT / "studies" / "assets" / "text"
 MODELS = ROOT / "studies" / "assets" / "models"
-SMOKE = {"model": str(MODELS / "stories260k"), "sequences": 4, "windows": 4, "seq_len": 32, "generations": 2,
-         "offspring": 4, "targets": [0.25, 0.375]}
+SMOKE = {"model": str(MODELS / "stories260k"), "sequences": 4, "fit_sequences": 4, "windows": 4, "seq_len": 32,
+         "generations": 2, "offspring": 4, "targets": [0.25, 0.375]}
 MODES = ("none", "linear")
 
 
@@ -54,13 +56,13 @@ def study_yaml(args, mode: str, out: Path) -> dict:
     strategies += [{"name": "evolutionary", "settings": evolutionary}]
     return {
         "model": {"name": str(Path(args.model).resolve()), "dtype": args.dtype, "device": "cpu", "threads": args.threads},
-        "calibration": text(args.calibration, args.sequences, 0),
+        "calibration": text(args.calibration, args.fit_sequences + args.sequences, 0),
         "heldout": text(args.heldout, args.windows, 1),
         "objective": args.objective,
         "reference": {"batch_size": args.batch_size},
         "budget": {"metric": "params", "targets": list(args.targets)},
         "strategies": strategies,
-        "engine": {"repair": mode, "repair_sequences": args.sequences},
+        "engine": {"repair": mode, "repair_sequences": args.fit_sequences},
         "selection": {"candidates": 0},
         "seed": 0,
         "output_dir": str(out / mode),
@@ -101,9 +103,10 @@ def measure(args, configs: dict[str, Path]) -> dict:
     torch.set_num_threads(args.threads)
     model, tokenizer = load_model(name, dtype=config.model.dtype, device="cpu")
     calibration = mixed_batch(calibration_specs(config), tokenizer)  # the studies' windows, as run cuts them
+    fit_ids, scored_ids = calibration[: args.fit_sequences], calibration[args.fit_sequences :]  # as the scorer splits
     heldout = token_batch(text_source(config, config.heldout), tokenizer)
     params = BUDGETS.get("params")(model)
-    objective = MaskScorer(model, calibration, config.objective, batch_size=args.batch_size)
+    objective = MaskScorer(model, scored_ids, config.objective, batch_size=args.batch_size)
     ppl = MaskScorer(model, heldout, "ppl", batch_size=args.batch_size)
     dense = KeepMask.dense(objective.num_layers)
     studies = {mode: read_study(Path(load_config(path).output_dir)) for mode, path in configs.items()}
@@ -125,7 +128,7 @@ def measure(args, configs: dict[str, Path]) -> dict:
             if text not in cache:
                 mask = KeepMask.parse(text)
                 start = time.perf_counter()
-                repair = fit_linear_repair(model, mask, calibration)
+                repair = fit_linear_repair(model, mask, fit_ids)
                 fit_s = time.perf_counter() - start
                 with folded(model, repair):
                     repaired = (objective.score(mask), ppl.score(mask))
@@ -136,6 +139,7 @@ def measure(args, configs: dict[str, Path]) -> dict:
                          else "plain", "mask": text, "masks_differ": differ, **cache[text]})
     return {"model": name, "objective": config.objective, "dense_heldout_ppl": ppl.score(dense),
             "calibration": args.calibration, "heldout": args.heldout, "sequences": args.sequences,
+            "fit_sequences": args.fit_sequences,
             "windows": args.windows, "seq_len": args.seq_len, "rows": rows, "runs": runs}
 
 
@@ -162,7 +166,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--calibration", default=f"{TEXT / 'tinystories_valid.txt'}:0:0.8", help="PATH[:START:END]")
     parser.add_argument("--heldout", default=f"{TEXT / 'tinystories_valid.txt'}:0.8:1",
                         help="PATH[:START:END], disjoint from the calibration text")
-    parser.add_argument("--sequences", type=positive_int, default=8, help="calibration windows (all fit the repair)")
+    parser.add_argument("--sequences", type=positive_int, default=8, help="calibration windows masks are scored on")
+    parser.add_argument("--fit-sequences", type=positive_int, default=16,
+                        help="more calibration windows, before those: each repair is fitted on them (never scored "
+                        "by the repair-aware study)")
     parser.add_argument("--windows", type=positive_int, default=32, help="held-out windows")
     parser.add_argument("--seq-len", type=positive_int, default=128)
     parser.add_argument("--objective", default="kl", choices=["kl", "js", "ppl"])

@@ -18,17 +18,26 @@ from .proxy import OBJECTIVES, Objective, Reference
 REPAIRS = ("none", "linear")  # how a mask's model is scored: as masked, or with its linear repair folded in
 
 
+def split_problem(repair_sequences: int, sequences: int) -> str:
+    """Why a calibration batch of ``sequences`` cannot be split for repair-aware scoring (``repair_sequences`` fit)."""
+    return (f"engine.repair_sequences ({repair_sequences}) must be less than the calibration sequences ({sequences}): "
+            "repair-aware scoring fits each repair on the batch's first engine.repair_sequences sequences and scores "
+            "masks on the others only")
+
+
 class MaskScorer:
     """Runs the model under masks (reversible runtime masking) and reduces the objective over the batch.
 
     The dense reference is computed once at construction. ``score(mask, sequences=n)`` uses only the first n
     sequences (staged selection scores many candidates cheaply that way).
 
-    ``repair="linear"``: repair-aware scoring. Every mask is scored as the *repaired* masked model: the linear
-    repair of ``surgery.repair`` (``fit_linear_repair``) is fitted for that mask on the first ``repair_sequences``
-    sequences of ``input_ids`` and folded in (``folded``) while it is scored, whatever ``sequences`` it is scored
-    on. Fits are kept per mask (least recently used out past ``repair_cache_mb``) and the dense streams they
-    fit against are computed once; the dense model (no removed run) is scored as it is.
+    ``repair="linear"``: repair-aware scoring, cross-fitted. The batch is split: its first ``repair_sequences``
+    sequences (``repair_ids``) only fit repairs, the rest (``input_ids``, which the dense reference, ``score``'s
+    ``sequences`` and every other method see) are scored, so no mask is scored on the tokens its repair was fitted
+    on. Every mask is scored as the *repaired* masked model: the linear repair of ``surgery.repair``
+    (``fit_linear_repair``) fitted for that mask on ``repair_ids`` and folded in (``folded``) while it is scored.
+    Fits are kept per mask (least recently used out past ``repair_cache_mb``) and the dense streams they fit
+    against are computed once; the dense model (no removed run) is scored as it is.
     """
 
     def __init__(
@@ -47,9 +56,14 @@ class MaskScorer:
             raise ValueError(f"repair must be one of {', '.join(REPAIRS)}, got {repair!r}")
         if repair_sequences < 1:
             raise ValueError(f"repair_sequences must be >= 1, got {repair_sequences}")
+        self.repair_ids = None  # repair-aware: the sequences each repair is fitted on, never scored
+        if repair != "none":
+            if repair_sequences >= len(input_ids):
+                raise ValueError(split_problem(repair_sequences, len(input_ids)))
+            self.repair_ids, input_ids = input_ids[:repair_sequences], input_ids[repair_sequences:]
         self.model = model.eval()
         self.masker = masker_for(model)
-        self.input_ids = input_ids
+        self.input_ids = input_ids  # the scored sequences
         self.objective = OBJECTIVES.get(objective) if isinstance(objective, str) else objective
         self.batch_size = batch_size
         self.device = next(model.parameters()).device
@@ -57,7 +71,7 @@ class MaskScorer:
         self.forward_count = 0  # model forwards over one micro-batch, for cost accounting
         self.reference = self._reference(topk) if self.objective.needs_reference else None
         self.repair = repair
-        self.repair_sequences = min(repair_sequences, len(input_ids))
+        self.repair_sequences = repair_sequences if self.repair_ids is not None else 0
         self.repair_fits = 0  # masks whose repair was fitted (each fit: one forward per removed run)
         self._repair_limit = int(repair_cache_mb * 2**20)
         self._repairs: OrderedDict[tuple[bool, ...], LinearRepair | None] = OrderedDict()
@@ -98,7 +112,7 @@ class MaskScorer:
         if mask.bits in self._repairs:
             self._repairs.move_to_end(mask.bits)
             return self._repairs[mask.bits]
-        ids = self.input_ids[: self.repair_sequences].to(self.device)
+        ids = self.repair_ids.to(self.device)
         fit = fit_linear_repair(self.model, mask, ids, dense_streams=self._dense_streams)
         self.repair_fits += 1
         size = sum(t.numel() * t.element_size() for t in fit.maps.values())

@@ -109,7 +109,8 @@ class EngineSection(Section):
     racing: bool = False  # exact racing: candidates proven worse than the best are not finished (fewer trials)
     repair: Literal["none", "linear"] = "none"  # linear: repair-aware scoring, every mask's objective is that of
     # the masked model with its training-free linear repair (surgery/repair.py) fitted and folded in
-    repair_sequences: int = Field(8, ge=1, le=COUNT_MAX)  # calibration sequences (the batch's first) each fit uses
+    repair_sequences: int = Field(8, ge=1, le=COUNT_MAX)  # repair-aware: the calibration batch's first sequences,
+    # which fit each repair and are not scored (cross-fitting); masks are scored on the batch's other sequences
     select_strategies: list[str] | None = None  # tags racing/staging apply to (empty: all; default: every strategy
     # whose class declares selection_only: greedy_finercut, blockpruner, sleb, evolutionary, under any label)
 
@@ -402,6 +403,17 @@ def _check_strategies(config: StudyConfig) -> list[str]:
     return problems
 
 
+def _check_engine(config: StudyConfig) -> list[str]:
+    """Repair-aware scoring splits the calibration batch: some sequences must be left to score on."""
+    total = sum(section.num_sequences for _, section in calibration_sections(config))
+    fit = config.engine.repair_sequences
+    if config.engine.repair == "none" or fit < total:
+        return []
+    return [f"engine.repair_sequences: {fit} leaves none of the {total} calibration sequences to score masks on "
+            "(repair-aware scoring fits each repair on the calibration batch's first engine.repair_sequences "
+            "sequences and scores on the rest only); lower it or raise calibration.num_sequences"]
+
+
 def _unknown(registry, name: str) -> str:
     try:
         registry.get(name)
@@ -469,6 +481,7 @@ def config_problems(config: StudyConfig) -> list[str]:
         *_check_model(config),
         *(text or [*_check_disjoint(config), *_check_benchmark_rows(config)]),
         *_check_strategies(config),
+        *_check_engine(config),
         *_check_budget(config),
         *_check_storage(config),
         *_check_sections(config),

@@ -18,7 +18,8 @@ into its anchors (``MaskScorer.repaired``; fits are kept per mask by the scorer)
 up to the mask's first anchor (``MaskScorer.first_repaired``) is the unrepaired masked model's and depends on the
 prefix bits only, so states are reused and stored there only; past it a state depends on the mask's fitted maps
 (which depend on the whole run after the anchor) and is recomputed for every mask. Values equal
-``fit_linear_repair`` + ``folded`` + the plain loop's.
+``fit_linear_repair`` on the scorer's fit sequences (``repair_ids``) + ``folded`` + the plain loop's on its scored
+ones.
 
 The layers are called exactly as the model calls them: each layer's arguments (attention mask, position
 embeddings, ...) are captured once from a real dense forward per micro-batch, removed sublayers are the

@@ -96,11 +96,13 @@ def fingerprint(config, device_type: str) -> dict:
 
 
 def repair_identity(config) -> dict:
-    """``{"repair": ...}`` when masks are scored after their linear repair (``engine.repair``), else empty."""
+    """``{"repair": ...}`` when masks are scored after their linear repair (``engine.repair``), else empty: the
+    method and the fit/score split (the calibration batch's first ``fit_sequences`` fit, the rest are scored;
+    ``cross_fitted`` tells these studies from ones that scored on their fit sequences, which are refused)."""
     engine = config.engine
     if engine.repair == "none":
         return {}
-    return {"repair": {"method": engine.repair, "sequences": engine.repair_sequences}}
+    return {"repair": {"method": engine.repair, "fit_sequences": engine.repair_sequences, "cross_fitted": True}}
 
 
 def _flat(data, prefix: str = "") -> dict:

@@ -129,8 +129,9 @@ def _repair_lines(meta) -> list[str]:
     if not isinstance(repair, dict):
         return []
     return [f"Repair-aware scoring: every calibration objective is that of the masked model after its "
-            f"`{repair.get('method')}` repair, fitted on {repair.get('sequences')} calibration sequences; held-out "
-            "and validation perplexities are of the masked model without repair.", ""]
+            f"`{repair.get('method')}` repair, fitted on the first {repair.get('fit_sequences')} calibration "
+            "sequences and scored on the others only; held-out and validation perplexities are of the masked model "
+            "without repair.", ""]
 
 
 def summary_markdown(data: StudyData, results: pd.DataFrame, front: pd.DataFrame) -> str:

@@ -186,9 +186,11 @@ def describe_plan(config: StudyConfig, prepared: Prepared | None) -> str:
         lines.append(f"  {key}: {spec.source.describe()}, {spec.num_sequences} x {spec.seq_len} tokens, seed {spec.seed}")
     lines.append(f"  objective: {config.objective}; budget: {config.budget.metric}, targets removed {config.budget.targets}")
     if config.engine.repair != "none":
+        total = sum(section.num_sequences for _, section in calibration_sections(config))
         lines.append(f"  repair-aware scoring: every mask scored after its {config.engine.repair} repair, fitted on "
-                     f"the first {config.engine.repair_sequences} calibration sequences (held-out and validation "
-                     "scores: the masked model without repair)")
+                     f"the first {config.engine.repair_sequences} calibration sequences and scored on the other "
+                     f"{total - config.engine.repair_sequences} (held-out and validation scores: the masked model "
+                     "without repair)")
     if prepared is not None:
         table = prepared.costs[config.budget.metric]
         layers = len(table.per_sublayer) // 2
