@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections import OrderedDict
 from contextlib import nullcontext
 
 import torch
@@ -13,6 +12,7 @@ from surgery.mask import KeepMask
 from surgery.masking import masker_for
 from surgery.repair import LinearRepair, fit_linear_repair, folded, removed_runs
 
+from .lru import BytesLRU, tensor_bytes
 from .proxy import OBJECTIVES, Objective, Reference
 
 REPAIRS = ("none", "linear")  # how a mask's model is scored: as masked, or with its linear repair folded in
@@ -73,9 +73,7 @@ class MaskScorer:
         self.repair = repair
         self.repair_sequences = repair_sequences if self.repair_ids is not None else 0
         self.repair_fits = 0  # masks whose repair was fitted (each fit: one forward per removed run)
-        self._repair_limit = int(repair_cache_mb * 2**20)
-        self._repairs: OrderedDict[tuple[bool, ...], LinearRepair | None] = OrderedDict()
-        self._repair_bytes = 0
+        self._repairs: BytesLRU[LinearRepair] = BytesLRU(repair_cache_mb * 2**20, _repair_bytes)
         self._dense_streams: dict[int, torch.Tensor] = {}
 
     @property
@@ -109,19 +107,12 @@ class MaskScorer:
         """The linear repair ``mask`` is scored with (None: repair off, or nothing to repair)."""
         if self.repair == "none" or not removed_runs(mask):
             return None
-        if mask.bits in self._repairs:
-            self._repairs.move_to_end(mask.bits)
-            return self._repairs[mask.bits]
-        ids = self.repair_ids.to(self.device)
-        fit = fit_linear_repair(self.model, mask, ids, dense_streams=self._dense_streams)
-        self.repair_fits += 1
-        size = sum(t.numel() * t.element_size() for t in fit.maps.values())
-        if size <= self._repair_limit:
-            self._repairs[mask.bits] = fit
-            self._repair_bytes += size
-            while self._repair_bytes > self._repair_limit:
-                _, old = self._repairs.popitem(last=False)
-                self._repair_bytes -= sum(t.numel() * t.element_size() for t in old.maps.values())
+        fit = self._repairs.get(mask.bits)
+        if fit is None:
+            ids = self.repair_ids.to(self.device)
+            fit = fit_linear_repair(self.model, mask, ids, dense_streams=self._dense_streams)
+            self.repair_fits += 1
+            self._repairs.put(mask.bits, fit)
         return fit
 
     def first_repaired(self, mask: KeepMask) -> int:
@@ -191,3 +182,7 @@ class MaskScorer:
 
 def _first(output):
     return output[0] if isinstance(output, tuple) else output
+
+
+def _repair_bytes(repair: LinearRepair) -> int:
+    return sum(tensor_bytes(t) for t in repair.maps.values())

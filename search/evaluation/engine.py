@@ -31,12 +31,12 @@ the model's own logits at capture time; a family whose head is not reproduced ra
 from __future__ import annotations
 
 import math
-from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Sequence
 
 import torch
 
+from objectives.lru import BytesLRU, tensor_bytes
 from objectives.scorer import MaskScorer
 from search.evaluation.evaluator import EngineCounters, Evaluator  # noqa: F401 - EngineCounters: read from here too
 from surgery.errors import UserError
@@ -79,32 +79,11 @@ class _Chunk:
         return self.start, len(self.ids)
 
 
-class StateCache:
+class StateCache(BytesLRU):
     """Residual-stream states keyed by (micro-batch, mask bits before the boundary); LRU within ``limit_bytes``."""
 
     def __init__(self, limit_bytes: int):
-        self.limit_bytes = max(0, int(limit_bytes))
-        self.bytes = 0
-        self.hits = 0
-        self._states: OrderedDict[tuple, torch.Tensor] = OrderedDict()
-
-    def put(self, chunk: tuple[int, int], prefix: tuple[bool, ...], state: torch.Tensor) -> None:
-        size = state.numel() * state.element_size()
-        key = (chunk, prefix)
-        if size > self.limit_bytes or key in self._states:
-            return
-        self._states[key] = state
-        self.bytes += size
-        while self.bytes > self.limit_bytes:
-            _, old = self._states.popitem(last=False)
-            self.bytes -= old.numel() * old.element_size()
-
-    def get(self, chunk: tuple[int, int], prefix: tuple[bool, ...]) -> torch.Tensor | None:
-        state = self._states.get((chunk, prefix))
-        if state is not None:
-            self._states.move_to_end((chunk, prefix))
-            self.hits += 1
-        return state
+        super().__init__(limit_bytes, tensor_bytes)
 
 
 class PlainBackend(Evaluator):
@@ -278,7 +257,7 @@ class PrefixEngine(Evaluator):
         for boundary in range(min(len(bits) - 1, limit), 0, -1):
             state = states.get(bits[:boundary])
             if state is None:
-                state = self.cache.get(chunk.key, bits[:boundary])
+                state = self.cache.get((chunk.key, bits[:boundary]))
             if state is not None:
                 return boundary, state
         return 0, chunk.h0
@@ -302,13 +281,13 @@ class PrefixEngine(Evaluator):
             if 2 * index in keep_at:
                 states[mask.bits[: 2 * index]] = hidden
             if begin < 2 * index <= limit:
-                self.cache.put(chunk.key, mask.bits[: 2 * index], hidden)
+                self.cache.put((chunk.key, mask.bits[: 2 * index]), hidden)
             attn, ffn = mask.keeps(index, ATTN), mask.keeps(index, FFN)
             if self.splittable and 2 * index + 1 in keep_at:
                 if attn:
                     hidden = self._call(index, hidden, chunk, mask, only=ATTN)
                 states[mask.bits[: 2 * index + 1]] = hidden  # in keep_at: at most limit
-                self.cache.put(chunk.key, mask.bits[: 2 * index + 1], hidden)
+                self.cache.put((chunk.key, mask.bits[: 2 * index + 1]), hidden)
                 if ffn:
                     hidden = self._call(index, hidden, chunk, mask, only=FFN)
             elif attn or ffn:

@@ -189,7 +189,7 @@ def test_state_cache_stays_within_its_byte_limit():
 
     cache = StateCache(limit_bytes=3 * 4 * 10)
     for i in range(5):
-        cache.put((0, 1), (True,) * i, torch.zeros(10))
-    assert cache.bytes == 120 and len(cache._states) == 3
-    assert [cache.get((0, 1), (True,) * i) is not None for i in range(5)] == [False, False, True, True, True]
-    assert cache.get((1, 1), (True,) * 4) is None  # another micro-batch
+        cache.put(((0, 1), (True,) * i), torch.zeros(10))
+    assert cache.bytes == 120 and len(cache) == 3
+    assert [cache.get(((0, 1), (True,) * i)) is not None for i in range(5)] == [False, False, True, True, True]
+    assert cache.get(((1, 1), (True,) * 4)) is None  # another micro-batch
