@@ -10,6 +10,7 @@ from torch import nn
 from surgery.families import family_for, get_path
 from surgery.mask import KeepMask
 from surgery.masking import masker_for
+from surgery.formats import DEFAULT_RIDGE
 from surgery.repair import LinearRepair, fit_linear_repair, folded, removed_runs
 
 from .lru import BytesLRU, tensor_bytes
@@ -35,7 +36,8 @@ class MaskScorer:
     sequences (``repair_ids``) only fit repairs, the rest (``input_ids``, which the dense reference, ``score``'s
     ``sequences`` and every other method see) are scored, so no mask is scored on the tokens its repair was fitted
     on. Every mask is scored as the *repaired* masked model: the linear repair of ``surgery.repair``
-    (``fit_linear_repair``) fitted for that mask on ``repair_ids`` and folded in (``folded``) while it is scored.
+    (``fit_linear_repair``, with ``repair_ridge``) fitted for that mask on ``repair_ids`` and folded in (``folded``)
+    while it is scored.
     Fits are kept per mask (least recently used out past ``repair_cache_mb``) and the dense streams they fit
     against are computed once; the dense model (no removed run) is scored as it is.
     """
@@ -50,6 +52,7 @@ class MaskScorer:
         topk: int | None = None,
         repair: str = "none",
         repair_sequences: int = 8,
+        repair_ridge: float = DEFAULT_RIDGE,
         repair_cache_mb: float = 256,
     ):
         if repair not in REPAIRS:
@@ -72,6 +75,7 @@ class MaskScorer:
         self.reference = self._reference(topk) if self.objective.needs_reference else None
         self.repair = repair
         self.repair_sequences = repair_sequences if self.repair_ids is not None else 0
+        self.repair_ridge = repair_ridge
         self.repair_fits = 0  # masks whose repair was fitted (each fit: one forward per removed run)
         self._repairs: BytesLRU[LinearRepair] = BytesLRU(repair_cache_mb * 2**20, _repair_bytes)
         self._dense_streams: dict[int, torch.Tensor] = {}
@@ -110,7 +114,7 @@ class MaskScorer:
         fit = self._repairs.get(mask.bits)
         if fit is None:
             ids = self.repair_ids.to(self.device)
-            fit = fit_linear_repair(self.model, mask, ids, dense_streams=self._dense_streams)
+            fit = fit_linear_repair(self.model, mask, ids, ridge=self.repair_ridge, dense_streams=self._dense_streams)
             self.repair_fits += 1
             self._repairs.put(mask.bits, fit)
         return fit

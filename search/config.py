@@ -16,10 +16,11 @@ from objectives.text_source import TextSource
 from search.record import MAIN_STUDY
 from search.storage import url_form_problem
 from search.schema import (  # noqa: F401 - the schema's parts, also read from here
-    BATCH_MAX, CACHE_MB_MAX, COUNT_MAX, SEED_MAX, TOKENS_MAX, WORKERS_MAX, ConfigError, Fraction, Section, Seed,
+    BATCH_MAX, CACHE_MB_MAX, COUNT_MAX, SEED_MAX, TOKENS_MAX, WORKERS_MAX, ConfigError, Fraction, Ridge, Section, Seed,
     format_problems, unbounded_numbers, validation_problems,
 )
 from surgery.files import read_utf8
+from surgery.formats import DEFAULT_RIDGE as REPAIR_RIDGE
 
 from surgery.gguf_source import GgufError, is_gguf, read_header
 
@@ -111,6 +112,8 @@ class EngineSection(Section):
     # the masked model with its training-free linear repair (surgery/repair.py) fitted and folded in
     repair_sequences: int = Field(8, ge=1, le=COUNT_MAX)  # repair-aware: the calibration batch's first sequences,
     # which fit each repair and are not scored (cross-fitting); masks are scored on the batch's other sequences
+    repair_ridge: Ridge = REPAIR_RIDGE  # repair-aware: each map's pull
+    # towards the identity (surgery/repair.py; confirm.repair_ridge and export --repair-ridge for the models)
     select_strategies: list[str] | None = None  # tags racing/staging apply to (empty: all; default: every strategy
     # whose class declares selection_only: greedy_finercut, blockpruner, sleb, evolutionary, under any label)
 

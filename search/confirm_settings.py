@@ -14,8 +14,9 @@ from typing import TYPE_CHECKING, Annotated, Literal
 from pydantic import Field, ValidationError
 
 from objectives.text_source import TextSource
+from surgery.formats import DEFAULT_RIDGE as REPAIR_RIDGE
 from search.schema import (
-    BATCH_MAX, COUNT_MAX, TOKENS_MAX, ConfigError, Section, Seed, format_problems, validation_problems,
+    BATCH_MAX, COUNT_MAX, TOKENS_MAX, ConfigError, Ridge, Section, Seed, format_problems, validation_problems,
 )
 
 if TYPE_CHECKING:
@@ -82,6 +83,7 @@ class ConfirmSettings(Section):
     repair_calibration: list[str] = Field(default_factory=list)  # PATH[:START:END]; default: the bundled texts
     repair_sequences: int = Field(16, ge=1, le=COUNT_MAX)  # windows of each repair text
     repair_seq_len: int = Field(128, ge=2, le=TOKENS_MAX)
+    repair_ridge: Ridge = REPAIR_RIDGE  # each map's pull towards the identity (surgery/repair.py)
     recovery_tasks: list[str] = Field(default_factory=list)  # tasks of the "won back" line (default: accuracies)
     variants: list[Literal["dense", "pruned", "repaired", "healed", "repaired_healed"]] = Field(  # to measure now
         default_factory=list)  # (default: dense and every variant the repair setting gives); others come from cache
@@ -93,9 +95,15 @@ class ConfirmSettings(Section):
 
     def variant_fingerprint(self, variant: str, identity: dict | None = None) -> str:
         """What one variant's numbers depend on: the evaluation, and the repair and healing settings it uses."""
-        repair = {"repair", "repair_calibration", "repair_sequences", "repair_seq_len"}
-        keys = {"repaired": repair, "healed": {"heal"}, "repaired_healed": repair | {"heal"}}.get(variant, set())
+        repair = {"repair", "repair_calibration", "repair_sequences", "repair_seq_len", "repair_ridge"}
+        keys = ({"heal"} if variant in ("healed", "repaired_healed") else set()) | (
+            repair if self.uses_repair(variant) else set())
         return _digest(self.evaluation() | self.model_dump(mode="json", include=keys | {"export"}), identity)
+
+    @staticmethod
+    def uses_repair(variant: str) -> bool:
+        """Whether ``variant`` is built with the linear repair (its numbers depend on the repair's texts)."""
+        return variant in ("repaired", "repaired_healed")
 
     def fingerprint(self, identity: dict | None = None) -> str:
         """What a candidate's numbers depend on (with ``identity``: the model and held-out text); candidates with

@@ -20,6 +20,8 @@ TOKENS_MAX = 1 << 20  # tokens per sequence (the model's positions are checked o
 BATCH_MAX = 4096  # sequences per forward pass
 WORKERS_MAX = 1024
 CACHE_MB_MAX = 1 << 20  # 1 TiB of prefix states
+RIDGE_MAX = 1e6  # a repair ridge far past this is plain pruning (each map is the identity)
+Ridge = Annotated[float, Field(gt=0, le=RIDGE_MAX)]  # the linear repair's pull towards the identity
 Fraction = Annotated[float, Field(ge=0.0, le=1.0)]
 Seed = Annotated[int, Field(ge=0, le=SEED_MAX)]
 

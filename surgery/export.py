@@ -123,6 +123,7 @@ class ExportOptions:
     outtype: str | None = None  # gguf from a transformers model: f16 (default), bf16 or q8_0
     source_file: Path | None = None  # the .gguf file the model was loaded from: gguf copies its tensors
     repair: str = "none"  # "linear": the kept weights get the training-free repair (surgery/repair.py)
+    repair_ridge: float | None = None  # its ridge (None: the repair's default)
 
     def __post_init__(self) -> None:
         if self.format not in WRITERS:
@@ -317,21 +318,26 @@ def export_options(args: argparse.Namespace, model_name: str) -> ExportOptions:
 
     format, outtype = getattr(args, "format", "hf"), getattr(args, "outtype", None)
     repair = getattr(args, "repair", "none")
+    ridge = getattr(args, "repair_ridge", None)
     if getattr(args, "calibration", None) and repair == "none":
         raise ExportError("--calibration is the text --repair linear fits on: give --repair linear too")
+    if ridge is not None and repair == "none":
+        raise ExportError("--repair-ridge sets the fit of --repair linear: give --repair linear too")
     source_file = Path(model_name).expanduser() if format == "gguf" and is_gguf(model_name) else None
-    return ExportOptions(format, outtype, source_file, repair)
+    return ExportOptions(format, outtype, source_file, repair, ridge)
 
 
 def fitted_repair(options: ExportOptions, model: nn.Module, tokenizer, mask: KeepMask,
-                  calibration: list[str] | None) -> tuple[LinearRepair | None, dict]:
+                  calibration: list | None) -> tuple[LinearRepair | None, dict]:
     """The repair ``options`` ask for, fitted on ``calibration`` (default: bundled text), and its model-card line."""
     if options.repair == "none":
         return None, {}
+    from .formats import DEFAULT_RIDGE
     from .repair import describe, fit_for_export
 
-    repair = fit_for_export(model, tokenizer, mask, calibration)
-    return repair, {"repair": describe(repair)}
+    ridge = DEFAULT_RIDGE if options.repair_ridge is None else options.repair_ridge
+    repair = fit_for_export(model, tokenizer, mask, calibration, ridge=ridge)
+    return repair, {"repair": f"{describe(repair)}, ridge {ridge:g}"}
 
 
 def describe(out: Path) -> str:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from .cli import positive_float
+
 FORMATS = ("hf", "gguf", "decilm")
 GGUF_OUTTYPES = ("f16", "bf16", "q8_0")
 
@@ -20,6 +22,8 @@ def add_format_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 REPAIRS = ("none", "linear")
+DEFAULT_RIDGE = 0.1  # the linear repair's pull of each map towards the identity, relative to its Gram diagonal
+# (benchmarks/repair.py on SmolLM2-135M: 0.1 and 1 won back the most validation log-perplexity, 1e-3 the least)
 
 
 def add_repair_arguments(parser: argparse.ArgumentParser) -> None:
@@ -28,5 +32,9 @@ def add_repair_arguments(parser: argparse.ArgumentParser) -> None:
                         help="linear: fold a least-squares map per run of removed sublayers into the kept sublayer "
                              "before it (training-free, no new parameters; surgery/repair.py); default none")
     parser.add_argument("--calibration", action="append", metavar="PATH[:START:END]",
-                        help="--repair: text to fit on, repeatable (default: the bundled WikiText-2 test text "
-                             "[0:0.5] and TinyStories validation stories [0:0.8])")
+                        help="--repair: text to fit on, repeatable (default: a study's calibration text; without "
+                             "a study the bundled WikiText-2 test text [0:0.5] and TinyStories validation stories "
+                             "[0:0.8])")
+    parser.add_argument("--repair-ridge", type=positive_float, metavar="R",
+                        help="--repair: pull of each map towards the identity, relative to its data's scale "
+                             f"(default {DEFAULT_RIDGE:g}; larger: closer to plain pruning)")

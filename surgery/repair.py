@@ -12,13 +12,14 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import torch
 from torch import nn
 
 from .errors import UserError
 from .families import Family, family_for, get_path
+from .formats import DEFAULT_RIDGE
 from .mask import ATTN, KeepMask, sublayer_name
 from .masking import masked
 
@@ -171,7 +172,7 @@ def _solve(m: torch.Tensor, residual: torch.Tensor, ridge: float, weight: torch.
     return torch.linalg.solve(gram + lam * eye, m64.T @ r64 + lam * eye).float()
 
 
-def fit_linear_repair(model: nn.Module, mask: KeepMask | str, ids: torch.Tensor, *, ridge: float = 1e-3,
+def fit_linear_repair(model: nn.Module, mask: KeepMask | str, ids: torch.Tensor, *, ridge: float = DEFAULT_RIDGE,
                       per_token: str = "unit", dense_streams: dict[int, torch.Tensor] | None = None) -> LinearRepair:
     """Fit one map per removed run of ``mask`` on calibration tokens ``ids`` (batch x seq); ``model`` is unchanged.
 
@@ -207,17 +208,18 @@ def fit_linear_repair(model: nn.Module, mask: KeepMask | str, ids: torch.Tensor,
 DEFAULT_CALIBRATION = ("studies/assets/text/wikitext2_test.raw:0:0.5", "studies/assets/text/tinystories_valid.txt:0:0.8")
 
 
-def fit_for_export(model: nn.Module, tokenizer, mask: KeepMask | str, calibration: list[str] | None = None, *,
-                   sequences: int = 16, seq_len: int = 128) -> LinearRepair:
+def fit_for_export(model: nn.Module, tokenizer, mask: KeepMask | str, calibration: Sequence | None = None, *,
+                   sequences: int = 16, seq_len: int = 128, ridge: float = DEFAULT_RIDGE) -> LinearRepair:
     """The linear repair of ``mask`` fitted on ``sequences`` x ``seq_len`` tokens of each calibration text
-    (``PATH[:START:END]``; default the bundled texts), interleaved."""
+    (a ``TextSource`` or ``PATH[:START:END]``; default the bundled texts), interleaved, with ``ridge``."""
     from objectives.calibration import BatchSpec, TextSource, mixed_batch
 
     from .fetch import ROOT
 
     texts = calibration or [str(ROOT / spec) for spec in DEFAULT_CALIBRATION]
-    specs = [BatchSpec(TextSource.parse(text), sequences, seq_len, seed=0) for text in texts]
-    return fit_linear_repair(model, mask, mixed_batch(specs, tokenizer))
+    sources = [text if isinstance(text, TextSource) else TextSource.parse(text) for text in texts]
+    specs = [BatchSpec(source, sequences, seq_len, seed=0) for source in sources]
+    return fit_linear_repair(model, mask, mixed_batch(specs, tokenizer), ridge=ridge)
 
 
 def describe(repair: LinearRepair) -> str:

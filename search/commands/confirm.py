@@ -178,11 +178,13 @@ def num_layers(config: StudyConfig) -> int:
         raise ConfirmError(f"{config.source}: model.name: cannot read the config of {name} ({error})") from None
 
 
-def repair_texts(config: StudyConfig, settings: ConfirmSettings) -> list[str] | None:
-    """``confirm.repair_calibration`` as ``PATH:START:END`` with each file found (relative to the config, else the
-    working directory); None for the bundled default."""
-    from objectives.calibration import DataError, TextSource
+def repair_texts(config: StudyConfig, settings: ConfirmSettings) -> list[TextSource]:
+    """The texts the linear repair is fitted on: ``confirm.repair_calibration`` (``PATH[:START:END]``, each file
+    found relative to the config, else the working directory), else every calibration part of the study."""
+    from objectives.calibration import DataError
 
+    if not settings.repair_calibration:
+        return [spec.source for spec in calibration_specs(config)]
     texts = []
     for spec in settings.repair_calibration:
         try:
@@ -195,13 +197,13 @@ def repair_texts(config: StudyConfig, settings: ConfirmSettings) -> list[str] | 
         if found is None:
             raise ConfirmError(f"{config.source}: confirm.repair_calibration: {name!r} not found "
                                f"(tried {', '.join(map(str, tried))})")
-        texts.append(f"{found.resolve()}:{source.start:g}:{source.end:g}")
-    return texts or None
+        texts.append(source.model_copy(update={"files": (str(found.resolve()),)}))
+    return texts
 
 
 def confirm(study_dir: Path, config: StudyConfig, settings: ConfirmSettings, candidates: list[Candidate],
             sources: list, *, progress: bool = True, trust_remote_code: bool | None = None,
-            calibration: list[str] | None = None, threads: int | None = None) -> int:
+            calibration: list[TextSource] | None = None, threads: int | None = None) -> int:
     """Run every candidate (skipping finished work); write the outputs; exit code 1 if any candidate failed.
     ``trust_remote_code``: None takes the config's setting (callers from the command line decide it)."""
     from tqdm.auto import tqdm
@@ -212,7 +214,7 @@ def confirm(study_dir: Path, config: StudyConfig, settings: ConfirmSettings, can
     ctx, identity = _context(config, settings, sources, trust_remote_code, calibration, threads)
     out = study_dir / OUT_DIR  # created by its first file: a refusal leaves none
     dense_result = dense_scores(ctx, out, settings.dense_fingerprint(identity), progress)
-    fingerprint = settings.fingerprint(identity)
+    fingerprint = settings.fingerprint(identity | ctx.repair_identity)
     records = [_candidate(cand, ctx, out / cand.name, fingerprint, progress)
                for cand in tqdm(candidates, desc="candidates", unit="mask", disable=not progress)]
     paths = write_outputs(str(study_dir), out, dense_result, records, settings, wanted(settings.repair))  # + cached
@@ -223,11 +225,11 @@ def confirm(study_dir: Path, config: StudyConfig, settings: ConfirmSettings, can
 
 
 def _context(config: StudyConfig, settings: ConfirmSettings, sources: list, trust_remote_code: bool | None,
-             calibration: list[str] | None, threads: int | None):
-    """(the shared Context, the identity of model and held-out text that the fingerprints include)."""
+             calibration: list[TextSource] | None, threads: int | None):
+    """(the shared Context, the identity of model and held-out text that every fingerprint includes)."""
     import torch
 
-    from objectives.calibration import token_batch
+    from objectives.calibration import BatchSpec, token_batch
     from search.commands.heal import corpus_windows
     from search.commands.variants import Context
     from search.config import heldout_sets, text_source
@@ -243,9 +245,11 @@ def _context(config: StudyConfig, settings: ConfirmSettings, sources: list, trus
     data = torch.cat([corpus_windows(source, tokenizer, settings.heal.seq_len) for source in sources])
     specs = {h.column: text_source(config, h.section) for h in heldout_sets(config)} if settings.heldout else {}
     heldout = {column: token_batch(spec, tokenizer) for column, spec in specs.items()}
-    identity = {"model": name, "dtype": dtype, "calibration": calibration,
-                "heldout": {column: text_identity(spec) for column, spec in specs.items()}}
-    return Context(dense, tokenizer, settings, data, name, heldout, calibration, identity), identity
+    identity = {"model": name, "dtype": dtype, "heldout": {column: text_identity(spec) for column, spec in specs.items()}}
+    calibration = calibration or repair_texts(config, settings)
+    repair = {"repair_texts": [text_identity(BatchSpec(source, settings.repair_sequences, settings.repair_seq_len))
+                               for source in calibration]} if settings.repair != "none" else {}
+    return Context(dense, tokenizer, settings, data, name, heldout, calibration, identity, repair), identity
 
 
 def _candidate(cand: Candidate, ctx, out: Path, fingerprint: str, progress: bool) -> dict:

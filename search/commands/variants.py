@@ -32,8 +32,9 @@ class Context:
     data: object  # healing windows [n, seq_len]
     source: str  # the model's name, for the model cards
     heldout: dict = field(default_factory=dict)  # report column -> held-out token windows
-    calibration: list[str] | None = None  # repair texts (PATH:START:END); None: the bundled default
+    calibration: list | None = None  # repair texts (TextSource); None: the bundled default
     identity: dict = field(default_factory=dict)  # model and held-out text, part of every fingerprint
+    repair_identity: dict = field(default_factory=dict)  # the repair texts, part of the repaired variants' ones
 
 
 def bench(model, tokenizer, settings, progress: bool) -> dict[str, dict]:
@@ -82,7 +83,8 @@ class CandidateModels:
 
             settings, started = self.ctx.settings, time.perf_counter()
             fitted = fit_for_export(self.ctx.dense, self.ctx.tokenizer, self.mask, self.ctx.calibration,
-                                    sequences=settings.repair_sequences, seq_len=settings.repair_seq_len)
+                                    sequences=settings.repair_sequences, seq_len=settings.repair_seq_len,
+                                    ridge=settings.repair_ridge)
             self._repair = (fitted, time.perf_counter() - started)
         return self._repair
 
@@ -144,7 +146,9 @@ def summary(measured: dict) -> dict[str, float]:
 
 def run_variant(models: CandidateModels, variant: str, out: Path, progress: bool) -> dict:
     """One variant's record, reused from ``out/<variant>.json`` when measured with the settings it depends on."""
-    fingerprint = models.ctx.settings.variant_fingerprint(variant, models.ctx.identity)
+    ctx = models.ctx
+    identity = ctx.identity | (ctx.repair_identity if ctx.settings.uses_repair(variant) else {})
+    fingerprint = ctx.settings.variant_fingerprint(variant, identity)
     path = out / f"{variant}.json"
     if path.is_file():
         done = json.loads(path.read_text())

@@ -32,7 +32,8 @@ def build_scorer(config: StudyConfig, *, device: str | None = None):
 
 def scorer_repair(config: StudyConfig) -> dict:
     """The MaskScorer keywords of the config's repair-aware scoring (``engine.repair``)."""
-    return {"repair": config.engine.repair, "repair_sequences": config.engine.repair_sequences}
+    return {"repair": config.engine.repair, "repair_sequences": config.engine.repair_sequences,
+            "repair_ridge": config.engine.repair_ridge}
 
 
 def scoring_backend(config: StudyConfig, scorer) -> Evaluator:

@@ -102,7 +102,8 @@ def repair_identity(config) -> dict:
     engine = config.engine
     if engine.repair == "none":
         return {}
-    return {"repair": {"method": engine.repair, "fit_sequences": engine.repair_sequences, "cross_fitted": True}}
+    return {"repair": {"method": engine.repair, "fit_sequences": engine.repair_sequences, "cross_fitted": True,
+                       "ridge": engine.repair_ridge}}
 
 
 def _flat(data, prefix: str = "") -> dict:

@@ -128,10 +128,11 @@ def _repair_lines(meta) -> list[str]:
     repair = (meta.fingerprint or {}).get("repair")
     if not isinstance(repair, dict):
         return []
+    ridge = f" (ridge {repair['ridge']:g})" if "ridge" in repair else ""
     return [f"Repair-aware scoring: every calibration objective is that of the masked model after its "
             f"`{repair.get('method')}` repair, fitted on the first {repair.get('fit_sequences')} calibration "
-            "sequences and scored on the others only; held-out and validation perplexities are of the masked model "
-            "without repair.", ""]
+            f"sequences{ridge} and scored on the others only; held-out and validation perplexities are of the "
+            "masked model without repair.", ""]
 
 
 def summary_markdown(data: StudyData, results: pd.DataFrame, front: pd.DataFrame) -> str:

@@ -101,3 +101,30 @@ def test_output_paths_that_cannot_be_written_are_one_message_and_exit_2(script, 
         assert run.returncode == 2 and len(lines) == 1 and lines[0].startswith("error:") and flag in lines[0], run.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == before
     assert taken.is_dir() if kind == "output_file" else taken.read_text() == "mine"
+
+
+def test_repair_benchmark_fits_on_a_study_config_and_scores_its_validation_text(tmp_path, capsys):
+    """``benchmarks/repair.py --config``: the study's calibration parts fit, its validation parts are scored, one
+    repaired row per ``--ridge``; a study without validation text is refused."""
+    import importlib.util
+
+    from tests.search.test_selection import VALIDATION
+    from tests.search.test_study_cli import study_config, write_config
+
+    spec = importlib.util.spec_from_file_location("repair_benchmark", ROOT / "benchmarks" / "repair.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    config = write_config(tmp_path / "study.yaml", study_config(tmp_path / "out", calibration={"end": 0.6},
+                                                                validation=VALIDATION))
+    masks = tmp_path / "masks.csv"
+    masks.write_text('target,mask\n0.3,"AM,-M,A-,--,AM"\n', encoding="utf-8")
+    flags = ["--masks", str(masks), "--sequences", "2", "--windows", "2", "--ridge", "1e-3", "--ridge", "1"]
+    assert script.main(["--config", str(config), *flags]) == 0
+    rows = [line.split(" | ") for line in capsys.readouterr().out.splitlines()]
+    assert rows[0][:4] == ["| model", "mask", "stories", "wiki"]
+    assert [row[:2] for row in rows[2:]] == [["| dense", "-"], ["| pruned", "0.3"], ["| repaired (ridge 0.001)", "0.3"],
+                                             ["| repaired (ridge 1)", "0.3"]]
+    plain = write_config(tmp_path / "plain.yaml", study_config(tmp_path / "out"))
+    with pytest.raises(SystemExit) as exit_info:
+        script.main(["--config", str(plain), *flags])
+    assert exit_info.value.code == 2 and "has no validation text" in capsys.readouterr().err

@@ -81,6 +81,11 @@ def test_plain_loop_scores_the_repaired_model(stories, ids, scorers):
     assert _close([aware.score(m, sequences=2) for m in masks[:5]],
                   [_expected(model, plain, ids, m, sequences=2) for m in masks[:5]])
     assert aware.score(KeepMask.dense(aware.num_layers)) == plain.score(KeepMask.dense(aware.num_layers))
+    ridged = MaskScorer(model, ids, "kl", batch_size=2, repair="linear", repair_sequences=FIT, repair_ridge=0.5)
+    with folded(model, fit_linear_repair(model, masks[0], ids[:FIT], ridge=0.5)):
+        by_definition = plain.score(masks[0])
+    assert _close([ridged.score(masks[0])], [by_definition])  # the scorer fits with its ridge
+    assert not _close([ridged.score(masks[0])], [aware.score(masks[0])], tol=1e-3)
     # cross-fitted: scoring on the fit sequences themselves (in-sample) gives other values
     with folded(model, fit_linear_repair(model, masks[0], ids[:FIT])):
         in_sample = MaskScorer(model, ids[:FIT], "kl", batch_size=2).score(masks[0])
@@ -144,18 +149,19 @@ def test_config_fingerprint_plan_and_summary(tmp_path, capsys):
     assert study_main(["run", str(config), "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "repair-aware scoring: every mask scored after its linear repair, fitted on the first 2 calibration " \
-           "sequences and scored on the other 2" in " ".join(out.split())
+           "sequences (ridge 0.1) and scored on the other 2" in " ".join(out.split())
     assert study_main(["run", str(config), "--no-progress"]) == 0
     summary = " ".join((tmp_path / "out" / "summary.md").read_text().split())
-    assert "Repair-aware scoring" in summary and "scored on the others only" in summary
+    assert "Repair-aware scoring" in summary and "sequences (ridge 0.1) and scored on the others only" in summary
     capsys.readouterr()
     # a split that leaves no sequence to score: one config message, exit 2, before any model is loaded
     for fit in (4, 5):
         bad = write_config(tmp_path / "bad.yaml", {**base, "engine": {"repair": "linear", "repair_sequences": fit}})
         assert study_main(["run", str(bad), "--dry-run"]) == 2
         assert f"engine.repair_sequences: {fit} leaves none of the 4 calibration sequences" in capsys.readouterr().err
-    # resuming the same study without repair-aware scoring (or with another fit/score split) is refused
-    for engine in ({}, {"repair": "linear", "repair_sequences": 1}):
+    # resuming the same study without repair-aware scoring (or with another fit/score split or ridge) is refused
+    for engine in ({}, {"repair": "linear", "repair_sequences": 1},
+                   {"repair": "linear", "repair_sequences": 2, "repair_ridge": 0.1}):
         other = write_config(tmp_path / "other.yaml", {**base, "engine": engine})
         assert study_main(["run", str(other), "--no-progress"]) == 2
         err = capsys.readouterr().err
@@ -168,7 +174,8 @@ def test_fingerprint_entry_is_absent_without_repair():
 
     assert repair_identity(Config) == {}
     Config.engine = EngineSection(repair="linear", repair_sequences=3)
-    assert repair_identity(Config) == {"repair": {"method": "linear", "fit_sequences": 3, "cross_fitted": True}}
+    assert repair_identity(Config) == {"repair": {"method": "linear", "fit_sequences": 3, "cross_fitted": True,
+                                                  "ridge": 0.1}}
     in_sample = {"repair": {"method": "linear", "sequences": 3}}  # a study of the earlier, in-sample scoring
     assert fingerprint_problems({"version": 3, "seed": 0, **in_sample},
                                 {"version": 3, "seed": 0, **repair_identity(Config)}, "x")

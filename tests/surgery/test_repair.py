@@ -96,12 +96,15 @@ STORIES = ROOT / "studies" / "assets" / "models" / "stories260k"
 STORIES_MASK = "AM,-M,A-,--,AM"
 
 
-def test_export_with_repair_loads_with_the_repaired_masked_logits(tmp_path):
+@pytest.mark.parametrize("ridge", [None, 0.5])
+def test_export_with_repair_loads_with_the_repaired_masked_logits(tmp_path, ridge):
     out = tmp_path / "repaired"
-    assert export_main(["--model", str(STORIES), f"--mask={STORIES_MASK}", "--out", str(out), "--repair", "linear"]) == 0
+    flags = [] if ridge is None else ["--repair-ridge", str(ridge)]
+    assert export_main(["--model", str(STORIES), f"--mask={STORIES_MASK}", "--out", str(out), "--repair", "linear",
+                        *flags]) == 0
     model, tokenizer = load_model(str(STORIES), dtype="float32", device="cpu")
     ids = tokenizer("Once upon a time there was a dog", return_tensors="pt").input_ids
-    repair = fit_for_export(model, tokenizer, STORIES_MASK)
+    repair = fit_for_export(model, tokenizer, STORIES_MASK, **({} if ridge is None else {"ridge": ridge}))
     with folded(model, repair):
         expected = _logits(model, KeepMask.parse(STORIES_MASK), ids)
     unrepaired = _logits(model, KeepMask.parse(STORIES_MASK), ids)
@@ -115,6 +118,9 @@ def test_export_with_repair_loads_with_the_repaired_masked_logits(tmp_path):
 
 @pytest.mark.parametrize("flags, message", [
     (["--calibration", "x.txt"], "--calibration is the text --repair linear fits on"),
+    (["--repair-ridge", "0.1"], "--repair-ridge sets the fit of --repair linear"),
+    (["--repair", "linear", "--repair-ridge", "0"], "--repair-ridge: expected a finite number > 0, got '0'"),
+    (["--repair", "linear", "--repair-ridge", "nan"], "--repair-ridge: expected a finite number > 0, got 'nan'"),
     (["--repair", "linear", "--calibration", "missing.txt"], "missing.txt"),
     (["--repair", "linear", "--calibration", "studies/assets/text/tinystories_valid.txt:0.9:0.2"], "START:END"),
 ])

@@ -188,7 +188,8 @@ def describe_plan(config: StudyConfig, prepared: Prepared | None) -> str:
     if config.engine.repair != "none":
         total = sum(section.num_sequences for _, section in calibration_sections(config))
         lines.append(f"  repair-aware scoring: every mask scored after its {config.engine.repair} repair, fitted on "
-                     f"the first {config.engine.repair_sequences} calibration sequences and scored on the other "
+                     f"the first {config.engine.repair_sequences} calibration sequences (ridge "
+                     f"{config.engine.repair_ridge:g}) and scored on the other "
                      f"{total - config.engine.repair_sequences} (held-out and validation scores: the masked model "
                      "without repair)")
     if prepared is not None:
