@@ -62,9 +62,9 @@ SMALL = {
         "&& python -m search.study bench runs/stories260k/export-30pct --against studies/assets/models/stories260k "
         "--batch-size 1 --seq-len 16 --context 16 --repeats 1 --warmup 0",
     "python -m search.study confirm runs/smollm2-confirm --config studies/smollm2-135m.yaml --masks "
-    "studies/results/smollm2-135m-two-domains/confirm-masks.csv [--limits lambada_openai=all hellaswag=200] "
+    "studies/results/smollm2-135m/recommended.csv [--limits lambada_openai=all] [--variants dense pruned] "
     "[--threads 1]": "python -m search.study confirm runs/smollm2-confirm --config studies/smollm2-135m.yaml --masks "
-                     "studies/results/smollm2-135m-two-domains/confirm-masks.csv --tasks copa --limit 2 "
+                     "studies/results/smollm2-135m/recommended.csv --tasks copa --limit 2 "
                      "--variants dense --threads 1",
     "python -m search.study confirm runs/smollm2-confirm --config studies/smollm2-135m.yaml --masks masks-25.csv "
     "--tasks lambada_openai arc_easy piqa hellaswag --limit 500 --limits lambada_openai=500 hellaswag=200 --threads 1":
