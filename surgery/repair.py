@@ -5,12 +5,13 @@ before a run (its anchor) writes ``M`` into a residual stream ``R + M``; without
 become the dense model's ``X``. The map ``T`` minimises ``|M T - (X - R)|^2 + ridge |T - I|^2`` over calibration
 tokens (ReplaceMe's fit), and is folded into the anchor's output projection (``W <- T^T W``, ``b <- b T``): no new
 module, no new parameter, so every export format carries it unchanged. Runs are fitted in order, each on the model
-with the earlier maps already folded, against dense targets computed once.
+with the earlier maps already folded, against dense targets computed once. Each layer's call arguments are recorded
+once, so the fit runs layers directly: one walk up the pruned model, each run's layers run again after its fold.
 """
 
 from __future__ import annotations
 
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
@@ -111,52 +112,82 @@ def _fold(proj: nn.Linear, t: torch.Tensor) -> None:
 
 
 # streams ------------------------------------------------------------------------------------------------------
-class _Captured(Exception):
-    """Raised inside a forward once every stream it was run for is captured (the rest is not computed)."""
+class _Recorded(Exception):
+    """Raised at the final norm once every layer's call is recorded (nothing past the layers is computed)."""
 
 
-def _streams(model: nn.Module, family: Family, projections: dict[int, nn.Linear], ids: torch.Tensor,
-             boundaries: set[int], anchors: set[int] = frozenset()) -> tuple[dict, dict]:
-    """The residual stream entering each sublayer boundary in ``boundaries`` (2L: after the last layer) and the
-    output of each anchor's projection, as float32 (tokens x hidden) without each sequence's first position.
-    ``projections`` are the sublayers' output projections, resolved on the unmasked model."""
-    layers = get_path(model, family.layers)
-    layer_in, outputs, hooks = {}, {}, []
+def _calls(model: nn.Module, family: Family, layers: nn.ModuleList, ids: torch.Tensor) -> tuple[torch.Tensor, list]:
+    """The stream entering the first layer and each layer's other call arguments ``(args, kwargs)`` on ``ids``,
+    recorded in a forward with every sublayer removed (position embeddings, attention masks, ... as the model's
+    forward makes them, layer by layer: sliding-window layers get their own)."""
+    calls, first = [None] * len(layers), []
 
-    def keep(store, key):
-        return lambda tensor: store.__setitem__(key, tensor[:, 1:].reshape(-1, tensor.shape[-1]).float())
-
-    for index, layer in enumerate(layers):
-        save = keep(layer_in, index)
-        hooks.append(layer.register_forward_pre_hook(
-            lambda m, args, kwargs, save=save: save(args[0] if args else kwargs["hidden_states"]), with_kwargs=True))
-    final = keep(layer_in, len(layers))
-    hooks.append(get_path(model, family.final_norm).register_forward_pre_hook(lambda m, args: final(args[0])))
-    needed = anchors | {b - 1 for b in boundaries if b % 2}  # attention outputs for mid-layer boundaries
-    for sublayer in needed:
-        save = keep(outputs, sublayer)
-        hooks.append(projections[sublayer].register_forward_hook(lambda m, args, out, save=save: save(out)))
-    # the forward stops once all is captured: on entering the first layer (or the final norm) past what is needed
-    stop = max([b // 2 + b % 2 for b in boundaries] + [a // 2 + 1 for a in needed])
+    def recorder(index):
+        def hook(module, args, kwargs):
+            if not args:
+                kwargs = dict(kwargs)
+                args = (kwargs.pop("hidden_states"),)
+            if index == 0:
+                first.append(args[0])
+            calls[index] = (tuple(args[1:]), dict(kwargs))
+        return hook
 
     def halt(*_):
-        raise _Captured
+        raise _Recorded
 
-    where = layers[stop] if stop < len(layers) else get_path(model, family.final_norm)
-    hooks.append(where.register_forward_pre_hook(halt))  # after the capturing hooks: they run first
+    hooks = [layer.register_forward_pre_hook(recorder(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    hooks.append(get_path(model, family.final_norm).register_forward_pre_hook(halt))
     try:
-        with torch.no_grad():
+        with masked(model, KeepMask((False,) * (2 * len(layers)))):
             model(input_ids=ids, use_cache=False)
-    except _Captured:
+    except _Recorded:
         pass
     finally:
         for hook in hooks:
             hook.remove()
-    streams = {}
-    for b in boundaries:
-        layer = b // 2
-        streams[b] = layer_in[layer] + outputs.get(b - 1, 0) if b % 2 else layer_in[layer]
-    return streams, {a: outputs[a] for a in anchors if a in outputs}
+    return first[0], calls
+
+
+def _run(layers: nn.ModuleList, calls: list, hidden: torch.Tensor, start: int, stop: int,
+         keep: set[int] = frozenset()) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+    """The stream entering layer ``stop`` (L: the last layer's output) from ``hidden`` entering layer ``start``,
+    running layers start .. stop - 1 with their recorded calls; also the (flat) streams entering layers ``keep``."""
+    kept = {}
+    for index in range(start, stop + 1):
+        if index in keep:
+            kept[index] = _flat(hidden)
+        if index < stop:
+            args, kwargs = calls[index]
+            out = layers[index](hidden, *args, **kwargs)
+            hidden = out[0] if isinstance(out, tuple) else out
+    return hidden, kept
+
+
+def _flat(tensor: torch.Tensor) -> torch.Tensor:
+    """tokens x hidden, as float32, without each sequence's first position."""
+    return tensor[:, 1:].reshape(-1, tensor.shape[-1]).float()
+
+
+@contextmanager
+def _output(proj: nn.Linear) -> Iterator[list]:
+    """A list that receives ``proj``'s output (flattened) on each call inside the block."""
+    outputs = []
+    hook = proj.register_forward_hook(lambda m, args, out: outputs.append(_flat(out)))
+    try:
+        yield outputs
+    finally:
+        hook.remove()
+
+
+def _dense_streams(layers: nn.ModuleList, calls: list, hidden: torch.Tensor, projections: dict[int, nn.Linear],
+                   boundaries: set[int]) -> dict[int, torch.Tensor]:
+    """The stream entering each sublayer boundary in ``boundaries`` (2L: after the last layer), from ``hidden``
+    entering the first layer; a mid-layer one is the layer's input plus its attention's output."""
+    with ExitStack() as stack:
+        attention = {b: stack.enter_context(_output(projections[b - 1])) for b in boundaries if b % 2}
+        stop = max(b // 2 + b % 2 for b in boundaries)
+        inputs = _run(layers, calls, hidden, 0, stop, {b // 2 for b in boundaries})[1]
+    return {b: inputs[b // 2] + attention[b][0] if b % 2 else inputs[b // 2] for b in boundaries}
 
 
 def _solve(m: torch.Tensor, residual: torch.Tensor, ridge: float, weight: torch.Tensor | None = None) -> torch.Tensor:
@@ -181,26 +212,36 @@ def fit_linear_repair(model: nn.Module, mask: KeepMask | str, ids: torch.Tensor,
     ``dense_streams``: a cache of the dense model's streams on ``ids`` by sublayer boundary, filled as needed and
     reused by later fits on the same model and ``ids`` (the same tensors a fit without it computes)."""
     family = family_for(model.config)
-    mask = KeepMask.parse(mask, len(get_path(model, family.layers))) if isinstance(mask, str) else mask
+    layers = get_path(model, family.layers)
+    mask = KeepMask.parse(mask, len(layers)) if isinstance(mask, str) else mask
     runs = removed_runs(mask)
     wanted = {run.anchor for run in runs} | {run.end - 1 for run in runs if run.end % 2}
     projections = _projections(model, family, wanted)  # refused here, before any forward
-    cache = {} if dense_streams is None else dense_streams
-    missing = {run.end for run in runs} - set(cache)
-    if missing:
-        with masked(model, KeepMask.dense(mask.num_layers)):  # the dense model, whatever mask a caller left applied
-            cache.update(_streams(model, family, projections, ids, missing)[0])
-    targets = {run.end: cache[run.end] for run in runs}
     repair = LinearRepair(mask, {}, {})
-    for run in runs:
-        with folded(model, repair), masked(model, mask):
-            stream, anchor_out = _streams(model, family, projections, ids, {run.end}, {run.anchor})
-        m, gap = anchor_out[run.anchor], targets[run.end] - stream[run.end]
-        weight = 1 / targets[run.end].pow(2).sum(-1).clamp_min(1e-12) if per_token == "unit" else None
-        t = _solve(m, gap + m, ridge, weight)
-        before = gap.norm() / targets[run.end].norm()
-        after = (gap + m - m @ t).norm() / targets[run.end].norm()
-        repair.maps[run.anchor], repair.fit_error[run.anchor] = t, (float(before), float(after))
+    if not runs:
+        return repair
+    cache = {} if dense_streams is None else dense_streams
+    with torch.no_grad():
+        hidden, calls = _calls(model, family, layers, ids)
+        missing = {run.end for run in runs} - set(cache)
+        if missing:
+            with masked(model, KeepMask.dense(mask.num_layers)):  # the dense model, whatever mask a caller left applied
+                cache.update(_dense_streams(layers, calls, hidden, projections, missing))
+        # one walk up the masked model: from the stream entering each anchor's layer up to the run's end (the
+        # input of layer end // 2: the run removed what lies between), then again from there with the map folded
+        at = 0  # ``hidden`` enters layer ``at``
+        with masked(model, mask), ExitStack() as folds:
+            for run in runs:
+                hidden, at = _run(layers, calls, hidden, at, run.anchor // 2)[0], run.anchor // 2
+                with _output(projections[run.anchor]) as anchor_out:
+                    stream = _flat(_run(layers, calls, hidden, at, run.end // 2)[0])
+                m, target = anchor_out[0], cache[run.end]
+                gap = target - stream
+                weight = 1 / target.pow(2).sum(-1).clamp_min(1e-12) if per_token == "unit" else None
+                t = _solve(m, gap + m, ridge, weight)
+                before, after = gap.norm() / target.norm(), (gap + m - m @ t).norm() / target.norm()
+                repair.maps[run.anchor], repair.fit_error[run.anchor] = t, (float(before), float(after))
+                folds.enter_context(folded(model, LinearRepair(mask, {run.anchor: t}, {})))
     return repair
 
 

@@ -161,7 +161,7 @@ def test_config_fingerprint_plan_and_summary(tmp_path, capsys):
         assert f"engine.repair_sequences: {fit} leaves none of the 4 calibration sequences" in capsys.readouterr().err
     # resuming the same study without repair-aware scoring (or with another fit/score split or ridge) is refused
     for engine in ({}, {"repair": "linear", "repair_sequences": 1},
-                   {"repair": "linear", "repair_sequences": 2, "repair_ridge": 0.1}):
+                   {"repair": "linear", "repair_sequences": 2, "repair_ridge": 0.5}):
         other = write_config(tmp_path / "other.yaml", {**base, "engine": engine})
         assert study_main(["run", str(other), "--no-progress"]) == 2
         err = capsys.readouterr().err

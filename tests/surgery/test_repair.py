@@ -9,14 +9,14 @@ import torch
 from torch import nn
 from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
-from surgery.families import family_for
+from surgery.families import family_for, get_path
 from surgery.mask import KeepMask
 from surgery.masking import masked
 from surgery.export import main as export_main
 from surgery.fetch import ROOT
 from surgery.load import load_model
-from surgery.repair import (RepairError, Run, fit_for_export, fit_linear_repair, folded, out_projection,
-                            removed_runs)
+from surgery.repair import (LinearRepair, RepairError, Run, _solve, fit_for_export, fit_linear_repair, folded,
+                            out_projection, removed_runs)
 from tests.families import BY_NAME, input_ids, tiny_model
 
 MASK = KeepMask.parse("AM,-M,A-,--,AM")  # runs: A1 (anchor M0), M2..A3..M3 (anchor A2)
@@ -138,6 +138,44 @@ def test_fit_does_not_depend_on_a_mask_left_applied(deep):
         inside = fit_linear_repair(deep, MASK, ids)
     for anchor, t in clean.maps.items():
         torch.testing.assert_close(inside.maps[anchor], t)
+
+
+def _whole_forward(model, mask, ids, boundary, anchor=None):
+    """The stream entering sublayer ``boundary`` under ``mask`` (and the anchor's projection output), from a whole
+    forward, flat without each sequence's first position."""
+    family = family_for(model.config)
+    layers, seen = get_path(model, family.layers), {}
+    projections = {s: out_projection(model, family, s) for s in {anchor, boundary - 1} - {None}}  # model unmasked
+    where = layers[boundary // 2] if boundary < 2 * len(layers) else get_path(model, family.final_norm)
+    hooks = [where.register_forward_pre_hook(
+        lambda m, args, kwargs: seen.update(into=args[0] if args else kwargs["hidden_states"]), with_kwargs=True)]
+    for name, s in (("anchor", anchor), ("attention", boundary - 1 if boundary % 2 else None)):
+        if s is not None:
+            hooks.append(projections[s].register_forward_hook(lambda m, a, out, name=name: seen.update({name: out})))
+    with torch.no_grad(), masked(model, mask):
+        model(input_ids=ids)
+    for hook in hooks:
+        hook.remove()
+    seen = {name: t[:, 1:].reshape(-1, t.shape[-1]).float() for name, t in seen.items()}
+    return seen["into"] + seen.get("attention", 0), seen.get("anchor")
+
+
+@pytest.mark.parametrize("text", ["A-,-M,A-,-M,A-", "AM,A-,--,-M,A-", "-M,AM,--,A-,AM"])
+def test_fit_equals_a_whole_forward_per_run(deep, text):
+    """Reference: each run's streams from a whole forward (dense targets; the masked model with earlier maps
+    folded), the fit weighted by 1 / |X|^2; mid-layer run ends and a run to the last layer included."""
+    mask, ids = KeepMask.parse(text), input_ids(batch=4, seq=10)
+    expected = LinearRepair(mask, {}, {})
+    for run in removed_runs(mask):
+        target = _whole_forward(deep, KeepMask.dense(5), ids, run.end)[0]
+        with folded(deep, expected):
+            stream, m = _whole_forward(deep, mask, ids, run.end, run.anchor)
+        gap = target - stream
+        expected.maps[run.anchor] = _solve(m, gap + m, 0.1, 1 / target.pow(2).sum(-1))
+    got = fit_linear_repair(deep, mask, ids, ridge=0.1)
+    assert set(got.maps) == set(expected.maps) and len(got.maps) >= 2
+    for anchor, t in expected.maps.items():
+        torch.testing.assert_close(got.maps[anchor], t, rtol=1e-5, atol=1e-5)
 
 
 def test_a_repair_fitted_for_another_mask_is_refused(tmp_path):
