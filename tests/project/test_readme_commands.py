@@ -66,10 +66,10 @@ SMALL = {
     "[--threads 1]": "python -m search.study confirm runs/smollm2-confirm --config studies/smollm2-135m.yaml --masks "
                      "studies/results/smollm2-135m/recommended.csv --tasks copa --limit 2 "
                      "--variants dense --threads 1",
-    "python -m search.study confirm runs/smollm2-confirm --config studies/smollm2-135m.yaml --masks masks-25.csv "
-    "--tasks lambada_openai arc_easy piqa hellaswag --limit 500 --limits lambada_openai=500 hellaswag=200 --threads 1":
-        "python -m search.study confirm runs/smollm2-confirm-25 --config studies/smollm2-135m.yaml --masks "
-        "studies/results/smollm2-135m-two-domains/confirm-masks.csv --tasks copa --limit 2 --variants dense --threads 1",
+    "python -m search.study confirm runs/smollm2-confirm --config studies/smollm2-135m.yaml --masks "
+    "studies/results/smollm2-135m/recommended.csv":
+        "python -m search.study confirm runs/smollm2-confirm-500 --config studies/smollm2-135m.yaml --masks "
+        "studies/results/smollm2-135m/recommended.csv --tasks copa --limit 2 --variants dense --threads 1",
     "python -m search.study run studies/smollm2-135m.yaml --no-progress":
         "python -m search.study run studies/smollm2-135m.yaml --no-progress --dry-run --output-dir runs/dry",
     "python -m search.study run studies/smollm2-135m-sleb-evolutionary.yaml --no-progress":
