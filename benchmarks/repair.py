@@ -5,7 +5,8 @@
         --calibration studies/assets/text/tinystories_valid.txt:0:0.8 \
         --text wikitext2_valid=studies/assets/text/wikitext2_valid.tokens \
         --text tinystories_train=studies/assets/text/tinystories_train_head.txt
-    python benchmarks/repair.py --config studies/smollm2-135m.yaml --masks studies/results/smollm2-135m/recommended.csv \
+    python benchmarks/repair.py --config studies/smollm2-135m.yaml \
+        --masks studies/results/smollm2-135m/recommended.csv \
         --sequences 16 --windows 8 --ridge 1e-3 --ridge 1e-2 --ridge 0.1 --ridge 1
     python benchmarks/repair.py --smoke      # seconds: stories260k, one mask, a few windows
 
@@ -146,9 +147,9 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"fit once per value (repeatable; default {DEFAULT_RIDGE:g})")
     parser.add_argument("--smoke", action="store_true", help="tiny sizes and the bundled stories260k")
     args = parser.parse_args(argv)
-    if args.smoke:
+    if args.smoke:  # tiny sizes; with --config its model and texts stay (only the window counts shrink)
         vars(args).update(SMOKE)
-        for key, value in SMOKE_INPUTS.items():
+        for key, value in SMOKE_INPUTS.items() if not args.config else ():
             vars(args)[key] = vars(args)[key] or value
     if args.config:
         study_inputs(args, parser)

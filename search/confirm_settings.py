@@ -80,7 +80,7 @@ class ConfirmSettings(Section):
     heldout: bool = True  # perplexity of every variant on the study's held-out texts
     export: bool = True  # write each variant's model under its candidate's folder
     repair: Literal["none", "linear"] = "none"  # linear: add the repaired and repaired+LoRA variants
-    repair_calibration: list[str] = Field(default_factory=list)  # PATH[:START:END]; default: the bundled texts
+    repair_calibration: list[str] = Field(default_factory=list)  # PATH[:START:END]; default: the study's calibration
     repair_sequences: int = Field(16, ge=1, le=COUNT_MAX)  # windows of each repair text
     repair_seq_len: int = Field(128, ge=2, le=TOKENS_MAX)
     repair_ridge: Ridge = REPAIR_RIDGE  # each map's pull towards the identity (surgery/repair.py)

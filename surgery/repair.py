@@ -245,7 +245,7 @@ def fit_linear_repair(model: nn.Module, mask: KeepMask | str, ids: torch.Tensor,
     return repair
 
 
-# the export's default calibration: the two bundled domains, as the shipped SmolLM2 study calibrates
+# the default calibration without a study (surgery.export): two bundled domains
 DEFAULT_CALIBRATION = ("studies/assets/text/wikitext2_test.raw:0:0.5", "studies/assets/text/tinystories_valid.txt:0:0.8")
 
 

@@ -245,7 +245,8 @@ def _context(config: StudyConfig, settings: ConfirmSettings, sources: list, trus
     data = torch.cat([corpus_windows(source, tokenizer, settings.heal.seq_len) for source in sources])
     specs = {h.column: text_source(config, h.section) for h in heldout_sets(config)} if settings.heldout else {}
     heldout = {column: token_batch(spec, tokenizer) for column, spec in specs.items()}
-    identity = {"model": name, "dtype": dtype, "heldout": {column: text_identity(spec) for column, spec in specs.items()}}
+    identity = {"model": name, "dtype": dtype,
+                "heldout": {column: text_identity(spec) for column, spec in specs.items()}}
     calibration = calibration or repair_texts(config, settings)
     repair = {"repair_texts": [text_identity(BatchSpec(source, settings.repair_sequences, settings.repair_seq_len))
                                for source in calibration]} if settings.repair != "none" else {}

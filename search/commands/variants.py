@@ -32,7 +32,7 @@ class Context:
     data: object  # healing windows [n, seq_len]
     source: str  # the model's name, for the model cards
     heldout: dict = field(default_factory=dict)  # report column -> held-out token windows
-    calibration: list | None = None  # repair texts (TextSource); None: the bundled default
+    calibration: list | None = None  # repair texts (TextSource); None: the bundled default of surgery/repair.py
     identity: dict = field(default_factory=dict)  # model and held-out text, part of every fingerprint
     repair_identity: dict = field(default_factory=dict)  # the repair texts, part of the repaired variants' ones
 
