@@ -64,9 +64,9 @@ def geomean(values: list[float]) -> float:
 
 def study_texts(args: argparse.Namespace, tokenizer) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """The calibration batch and the scored texts of ``--config``: its calibration and validation parts."""
-    from search.config import calibration_sections, load_config, text_source, validation_sections
+    from search.config import calibration_sections, text_source, validation_sections
 
-    config = load_config(args.config)
+    config = args.study
     fit = [replace(text_source(config, section), num_sequences=args.sequences)
            for _, section in calibration_sections(config)]
     texts = {key.removeprefix("validation."): token_batch(replace(text_source(config, section),
@@ -118,7 +118,7 @@ def table(rows: list[list[str]]) -> str:
 
 
 def study_inputs(args: argparse.Namespace, parser: Parser) -> None:
-    """``--config``: the study's model (unless ``--model``) and dtype."""
+    """``--config``: the loaded study config (``args.study``), its model (unless ``--model``) and dtype."""
     from search.config import ConfigError, load_config, model_source
 
     try:
@@ -127,8 +127,7 @@ def study_inputs(args: argparse.Namespace, parser: Parser) -> None:
         parser.error(str(error))
     if not config.validation:
         parser.error(f"--config {args.config}: the study has no validation text to score the repairs on")
-    args.model = args.model or model_source(config)[0]
-    args.dtype = config.model.dtype
+    args.study, args.model, args.dtype = config, args.model or model_source(config)[0], config.model.dtype
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -327,6 +327,16 @@ def calibration_specs(config: StudyConfig) -> list:
     return [text_source(config, section) for _, section in calibration_sections(config)]
 
 
+def calibration_sources(config: StudyConfig) -> list[TextSource]:
+    """Each calibration part's text (files resolved against the config): what healing and repair fit on by default."""
+    return [spec.source for spec in calibration_specs(config)]
+
+
+def calibration_sequences(config: StudyConfig) -> int:
+    """The sequences of the calibration batch, every part together."""
+    return sum(section.num_sequences for _, section in calibration_sections(config))
+
+
 @functools.lru_cache(maxsize=64)
 def _digest(path: str, *_version) -> str:
     with open(path, "rb") as handle:
@@ -408,7 +418,7 @@ def _check_strategies(config: StudyConfig) -> list[str]:
 
 def _check_engine(config: StudyConfig) -> list[str]:
     """Repair-aware scoring splits the calibration batch: some sequences must be left to score on."""
-    total = sum(section.num_sequences for _, section in calibration_sections(config))
+    total = calibration_sequences(config)
     fit = config.engine.repair_sequences
     if config.engine.repair == "none" or fit < total:
         return []

@@ -95,10 +95,12 @@ class ConfirmSettings(Section):
 
     def variant_fingerprint(self, variant: str, identity: dict | None = None) -> str:
         """What one variant's numbers depend on: the evaluation, and the repair and healing settings it uses."""
-        repair = {"repair", "repair_calibration", "repair_sequences", "repair_seq_len", "repair_ridge"}
-        keys = ({"heal"} if variant in ("healed", "repaired_healed") else set()) | (
-            repair if self.uses_repair(variant) else set())
-        return _digest(self.evaluation() | self.model_dump(mode="json", include=keys | {"export"}), identity)
+        keys = {"export"}
+        if variant in ("healed", "repaired_healed"):
+            keys |= {"heal"}
+        if self.uses_repair(variant):
+            keys |= {"repair", "repair_calibration", "repair_sequences", "repair_seq_len", "repair_ridge"}
+        return _digest(self.evaluation() | self.model_dump(mode="json", include=keys), identity)
 
     @staticmethod
     def uses_repair(variant: str) -> bool:

@@ -33,7 +33,7 @@ from .masking import masked
 from .params import num_params
 from .repair import LinearRepair, folded
 from .cli import Parser, load_checked, run_cli
-from .formats import FORMATS, add_format_arguments, add_repair_arguments
+from .formats import DEFAULT_RIDGE, FORMATS, add_format_arguments, add_repair_arguments
 
 MODULE_FILE = "pruned_modeling.py"
 
@@ -123,7 +123,7 @@ class ExportOptions:
     outtype: str | None = None  # gguf from a transformers model: f16 (default), bf16 or q8_0
     source_file: Path | None = None  # the .gguf file the model was loaded from: gguf copies its tensors
     repair: str = "none"  # "linear": the kept weights get the training-free repair (surgery/repair.py)
-    repair_ridge: float | None = None  # its ridge (None: the repair's default)
+    repair_ridge: float = DEFAULT_RIDGE  # its ridge
 
     def __post_init__(self) -> None:
         if self.format not in WRITERS:
@@ -324,7 +324,7 @@ def export_options(args: argparse.Namespace, model_name: str) -> ExportOptions:
     if ridge is not None and repair == "none":
         raise ExportError("--repair-ridge sets the fit of --repair linear: give --repair linear too")
     source_file = Path(model_name).expanduser() if format == "gguf" and is_gguf(model_name) else None
-    return ExportOptions(format, outtype, source_file, repair, ridge)
+    return ExportOptions(format, outtype, source_file, repair, DEFAULT_RIDGE if ridge is None else ridge)
 
 
 def fitted_repair(options: ExportOptions, model: nn.Module, tokenizer, mask: KeepMask,
@@ -332,12 +332,10 @@ def fitted_repair(options: ExportOptions, model: nn.Module, tokenizer, mask: Kee
     """The repair ``options`` ask for, fitted on ``calibration`` (default: bundled text), and its model-card line."""
     if options.repair == "none":
         return None, {}
-    from .formats import DEFAULT_RIDGE
     from .repair import describe, fit_for_export
 
-    ridge = DEFAULT_RIDGE if options.repair_ridge is None else options.repair_ridge
-    repair = fit_for_export(model, tokenizer, mask, calibration, ridge=ridge)
-    return repair, {"repair": f"{describe(repair)}, ridge {ridge:g}"}
+    repair = fit_for_export(model, tokenizer, mask, calibration, ridge=options.repair_ridge)
+    return repair, {"repair": f"{describe(repair)}, ridge {options.repair_ridge:g}"}
 
 
 def describe(out: Path) -> str:

@@ -20,7 +20,7 @@ import json
 import traceback
 from pathlib import Path
 
-from search.config import StudyConfig, calibration_specs, load_config, model_source, resolve
+from search.config import StudyConfig, calibration_sources, load_config, model_source, resolve
 from objectives.text_source import TextSource
 from search.confirm_settings import ConfirmSettings, confirm_settings
 from search.commands.confirm_candidates import (  # noqa: F401 - part of confirm's interface
@@ -38,7 +38,7 @@ def corpus_sources(config: StudyConfig, section: TextSource | None) -> list[Text
     from objectives.calibration import DataError
 
     if section is None:
-        return [spec.source for spec in calibration_specs(config)]
+        return calibration_sources(config)
     files = []
     for name in section.files:
         tried = [Path(resolve(config, name)), Path(name)]
@@ -184,7 +184,7 @@ def repair_texts(config: StudyConfig, settings: ConfirmSettings) -> list[TextSou
     from objectives.calibration import DataError
 
     if not settings.repair_calibration:
-        return [spec.source for spec in calibration_specs(config)]
+        return calibration_sources(config)
     texts = []
     for spec in settings.repair_calibration:
         try:

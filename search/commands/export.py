@@ -93,7 +93,7 @@ def select_target(data: StudyData, target: float) -> tuple[pd.Series, str]:
 
 
 def main(args: argparse.Namespace) -> int:
-    from search.config import calibration_specs, model_source
+    from search.config import calibration_sources, model_source
     from search.studydir import open_study, study_model
     from surgery.cli import load_checked
     from surgery.export import check_target, export_gguf_file, export_options, export_pruned, fitted_repair
@@ -121,7 +121,7 @@ def main(args: argparse.Namespace) -> int:
                                metrics=metrics, force=args.force, protect=protect)
     else:
         model, tokenizer = load_checked(name, dtype=config.model.dtype, device="cpu", trust_remote_code=trust)
-        texts = args.calibration or [spec.source for spec in calibration_specs(config)]  # default: the study's
+        texts = args.calibration or calibration_sources(config)  # default: the study's
         repair, line = fitted_repair(options, model, tokenizer, mask, texts)
         out = export_pruned(model, tokenizer, mask, Path(args.out), source=config.model.name,
                             metrics={**metrics, **line}, force=args.force, protect=protect, options=options,

@@ -18,6 +18,7 @@ from search.config import (
     ConfigError,
     StudyConfig,
     calibration_sections,
+    calibration_sequences,
     format_problems,
     heldout_sets,
     model_source,
@@ -186,7 +187,7 @@ def describe_plan(config: StudyConfig, prepared: Prepared | None) -> str:
         lines.append(f"  {key}: {spec.source.describe()}, {spec.num_sequences} x {spec.seq_len} tokens, seed {spec.seed}")
     lines.append(f"  objective: {config.objective}; budget: {config.budget.metric}, targets removed {config.budget.targets}")
     if config.engine.repair != "none":
-        total = sum(section.num_sequences for _, section in calibration_sections(config))
+        total = calibration_sequences(config)
         lines.append(f"  repair-aware scoring: every mask scored after its {config.engine.repair} repair, fitted on "
                      f"the first {config.engine.repair_sequences} calibration sequences (ridge "
                      f"{config.engine.repair_ridge:g}) and scored on the other "
